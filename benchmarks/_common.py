@@ -1,0 +1,102 @@
+"""Shared benchmark helpers: timing (median after warm-up), peak memory, machine description, tables.
+
+* CUDA: time with ``triton.testing.do_bench`` (median), peak memory from the CUDA caching allocator.
+* CPU: time with ``time.perf_counter`` (median of repeats after warm-up); peak *extra* memory of one
+  call measured in a fresh spawned process (peak RSS minus RSS after the inputs were built), because
+  PyTorch's CPU allocator keeps no peak statistics.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import time
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], object], *, device="cpu", warmup: int = 2, reps: int = 5) -> float:
+    """Median wall time of ``fn()`` in milliseconds."""
+    if torch.device(device).type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _child(target, args, q):
+    try:
+        fn = target(*args)  # builds inputs, returns the callable to measure
+        base = _rss_bytes()
+        fn()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        q.put(max(0, peak - base))
+    except BaseException as e:  # pragma: no cover - reported to the parent
+        q.put(e)
+
+
+def cpu_peak_extra_bytes(make_fn, *args) -> int:
+    """Peak extra resident memory of one call, measured in a fresh process.
+
+    ``make_fn(*args)`` must be a module-level function (picklable) that builds the inputs and returns
+    a zero-argument callable; only the memory that callable adds on top of its inputs is counted.
+    """
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(make_fn, args, q))
+    p.start()
+    out = q.get()
+    p.join()
+    if isinstance(out, BaseException):
+        raise out
+    return int(out)
+
+
+def cuda_peak_extra_bytes(fn: Callable[[], object]) -> int:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024.0
+    return f"{n:.1f} GiB"
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    rows = [[str(c) for c in r] for r in rows]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)

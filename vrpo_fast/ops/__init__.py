@@ -1,0 +1,24 @@
+"""Public surface of vrpo-fast's fused ops.
+
+Each op has one entry here, a plain-PyTorch ``*_reference`` twin it is tested against, and a
+dispatch: CUDA tensors -> Triton kernel, CPU tensors -> C++ extension or chunked PyTorch.
+Every op also takes ``backend="auto" | "triton" | "torch"`` to force a path.
+"""
+from .gae import gae, gae_reference
+from .linear_stats import linear_logprobs_entropy, linear_logprobs_entropy_reference
+from .sequence import masked_mean, sequence_perplexity
+from .token_stats import token_logprobs_entropy, token_logprobs_entropy_reference
+from .vib import vib_sample_kl, vib_sample_kl_reference
+
+__all__ = [
+    "token_logprobs_entropy",
+    "token_logprobs_entropy_reference",
+    "linear_logprobs_entropy",
+    "linear_logprobs_entropy_reference",
+    "sequence_perplexity",
+    "masked_mean",
+    "gae",
+    "gae_reference",
+    "vib_sample_kl",
+    "vib_sample_kl_reference",
+]
