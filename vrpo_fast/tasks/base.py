@@ -1,0 +1,45 @@
+"""The task interface every task family implements (prompts, clean reward, held-out split)."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt of a task.
+
+    prompt:    the user turn(s) as plain text, *before* any chat template (the trainer applies the
+               tokenizer's chat template when it has one).
+    answer:    the gold answer a rule reward compares against ("" for learned-reward tasks).
+    reference: a good completion, used by the supervised warm-up phase.
+    meta:      anything else a reward needs (choices, dialogue history, ...).
+    """
+
+    prompt: str
+    answer: str = ""
+    reference: str = ""
+    meta: Dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+
+class Task(ABC):
+    """A task family: a train split, a held-out eval split and a *clean* (noise-free) reward."""
+
+    name: str = "task"
+    #: "rule" (exact check, noise model: flip) or "model" (learned reward, noise model: gaussian)
+    reward_kind: str = "rule"
+
+    @abstractmethod
+    def train_examples(self) -> List[Example]:
+        ...
+
+    @abstractmethod
+    def eval_examples(self) -> List[Example]:
+        ...
+
+    @abstractmethod
+    def reward(self, examples: Sequence[Example], completions: Sequence[str]) -> torch.Tensor:
+        """Clean reward per (example, completion) pair: float32 tensor [len(examples)], in [0, 1]."""
