@@ -44,13 +44,31 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _hwm_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reset_hwm() -> None:
+    # ru_maxrss survives exec (a spawned child inherits its parent's high-water mark), so reset the
+    # kernel's high-water mark to the current RSS before measuring ("5" -> clear VmHWM).
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # pragma: no cover - non-Linux
+        pass
+
+
 def _child(target, args, q):
     try:
         fn = target(*args)  # builds inputs, returns the callable to measure
         base = _rss_bytes()
+        _reset_hwm()
         fn()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        q.put(max(0, peak - base))
+        q.put(max(0, _hwm_bytes() - base))
     except BaseException as e:  # pragma: no cover - reported to the parent
         q.put(e)
 
