@@ -1,13 +1,43 @@
-"""VIB reparameterisation + per-row KL to N(0, I).
+"""VIB reparameterisation + per-row KL to N(0, I), fused, with noise regenerated in backward.
 
-STUB (issue [3 of 6] in progress): reference only.
+For ``mu``, ``logvar`` of shape ``[..., L]`` and ``lv = clamp(logvar, *logvar_clamp)``::
+
+    z  = mu + exp(lv / 2) * eps,          eps ~ N(0, I)      (z = mu when training=False)
+    kl = 0.5 * sum_j (mu_j^2 + exp(lv_j) - lv_j - 1)           per row, shape [...]
+
+``eps`` is a pure function of the seed and the element's position. It is never stored: the
+backward draws it again from the seed, so the only tensors kept for backward are ``mu`` and
+``logvar`` (eager PyTorch keeps ``eps``, ``exp(lv / 2)`` and ``exp(lv)`` as well).
+
+* CUDA (``backend="triton"``): Philox, ``tl.randn(seed, i)`` with ``i`` the flat row-major index;
+  one kernel for the forward (writes z and the KL), one for the backward.
+* CPU (``backend="torch"``): ``Tensor.normal_`` from ``torch.Generator``s seeded from ``seed`` and
+  the row block (a block is ~32K elements); cache-sized blocks spread over torch's thread count.
+
+The two backends draw different streams for the same seed (Philox vs. Mersenne Twister), and the
+CPU stream also depends on the latent size L (it sets the block size). Each is deterministic for a
+given (seed, shape). Arithmetic is in fp32 (fp64 for fp64 inputs) on both; outputs are stored in
+the input dtype, the KL in fp32 (fp64 for fp64 inputs).
 """
 from __future__ import annotations
 
+import operator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional, Tuple
+
 import torch
+from torch.autograd.function import once_differentiable
+
+from ._common import FLOAT_DTYPES, check_same_shape, check_tensor, resolve_backend
+
+_SEED_LIMIT = 2**63
 
 
 def vib_sample_kl_reference(mu, logvar, eps=None, *, training=True, logvar_clamp=(-20.0, 10.0)):
+    """Plain PyTorch twin of :func:`vib_sample_kl` with explicit noise ``eps`` (``randn_like`` if None).
+
+    Every intermediate (``eps``, ``exp(lv / 2)``, the KL terms) stays alive for autograd.
+    """
     lv = logvar.clamp(*logvar_clamp) if logvar_clamp is not None else logvar
     kl = 0.5 * (mu.float() ** 2 + lv.float().exp() - lv.float() - 1.0).sum(-1)
     if not training:
@@ -18,5 +48,296 @@ def vib_sample_kl_reference(mu, logvar, eps=None, *, training=True, logvar_clamp
     return z, kl
 
 
+# ----------------------------------------------------------------------------------------------
+# argument checking
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_clamp(logvar_clamp) -> Optional[Tuple[float, float]]:
+    if logvar_clamp is None:
+        return None
+    if not isinstance(logvar_clamp, (tuple, list)) or len(logvar_clamp) != 2:
+        raise TypeError(f"logvar_clamp must be None or a (low, high) pair of floats, got {logvar_clamp!r}")
+    for bound in logvar_clamp:
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)):
+            raise TypeError(f"logvar_clamp bounds must be real numbers, got {logvar_clamp!r}")
+    lo, hi = float(logvar_clamp[0]), float(logvar_clamp[1])
+    if not lo < hi:  # also rejects NaN
+        raise ValueError(f"logvar_clamp must satisfy low < high, got {logvar_clamp!r}")
+    return lo, hi
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool):
+        raise TypeError("seed must be an int or None, got bool")
+    try:
+        seed = operator.index(seed)
+    except TypeError:
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}") from None
+    if not 0 <= seed < _SEED_LIMIT:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    return seed
+
+
+def _draw_seed() -> int:
+    # From torch's default CPU generator, so torch.manual_seed(...) makes seed=None reproducible.
+    return int(torch.randint(0, _SEED_LIMIT - 1, (), dtype=torch.int64).item())
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU / plain-torch path: the same math as the kernels, walked over blocks of rows so that every
+# temporary is a small, cache-resident, reused buffer (eager PyTorch allocates ~10 fresh
+# latent-sized tensors per forward + backward; this path allocates only its outputs).
+#
+# Noise: block b (rows [b * R, (b + 1) * R), R = _CPU_BLOCK_ELEMS // L) draws Tensor.normal_ from a
+# torch.Generator seeded with mix(seed, b); the backward re-seeds and redraws each block. So eps is
+# a function of (seed, shape), independent of threads or call order, and differs from the Triton
+# path's Philox stream. Blocks are independent, so on CPU they are spread over
+# torch.get_num_threads() Python threads (each op on a block is below torch's intra-op grain size
+# and runs single-threaded; the generator, which dominates the cost, is then parallel too).
+# ----------------------------------------------------------------------------------------------
+
+_CPU_BLOCK_ELEMS = (1 << 15) - 1  # just under ATen's 32768-element grain size: ops stay serial
+_MASK64 = (1 << 64) - 1
+
+
+def _block_seed(seed: int, block: int) -> int:
+    """SplitMix64 finaliser of (seed, block): well-separated generator seeds for adjacent blocks."""
+    x = (seed + (block + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+class _Scratch:
+    """Per-thread reusable buffers and generator for the block loop."""
+
+    def __init__(self, device, dtype):
+        self.device, self.dtype = device, dtype
+        self.bufs = {}
+        self.gen = torch.Generator(device=device)
+
+    def buf(self, name: str, shape) -> torch.Tensor:
+        n = shape[0] * shape[1]
+        b = self.bufs.get(name)
+        if b is None or b.numel() < n:
+            b = self.bufs[name] = torch.empty(n, dtype=self.dtype, device=self.device)
+        return b[:n].view(shape)
+
+    def compute_dtype(self, block: torch.Tensor, name: str) -> torch.Tensor:
+        return block if block.dtype == self.dtype else self.buf(name, block.shape).copy_(block)
+
+    def randn(self, shape, seed: int, block: int) -> torch.Tensor:
+        self.gen.manual_seed(_block_seed(seed, block))
+        return self.buf("eps", shape).normal_(generator=self.gen)
+
+
+def _for_each_block(n_rows: int, n_cols: int, device, dtype, body) -> None:
+    """Run ``body(block, r0, r1, scratch)`` over all row blocks (threaded on CPU)."""
+    on_cpu = device.type == "cpu"
+    step = max(1, _CPU_BLOCK_ELEMS // n_cols) if on_cpu else max(1, n_rows)
+    n_blocks = -(-n_rows // step)
+    if n_blocks == 0:
+        return
+    workers = min(torch.get_num_threads(), n_blocks) if on_cpu else 1
+    inference = torch.is_inference_mode_enabled()
+
+    def run(worker: int) -> None:
+        # Grad / inference modes are thread-local: pin them (writes into outputs via out=).
+        with torch.inference_mode(inference), torch.no_grad():
+            scratch = _Scratch(device, dtype)
+            for b in range(n_blocks * worker // workers, n_blocks * (worker + 1) // workers):
+                body(b, b * step, min(n_rows, (b + 1) * step), scratch)
+
+    if workers <= 1:
+        run(0)
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(run, range(workers)))  # list(): re-raise any worker exception
+
+
+def _out_of_range(x: torch.Tensor, clamp) -> bool:
+    """Whether clamping ``x`` changes anything. On CPU one read-only pass decides, so the usual
+    in-range block skips the clamp's write pass and the backward's gradient mask; elsewhere (no
+    host sync wanted) always clamp."""
+    if clamp is None or x.numel() == 0:
+        return False
+    if x.device.type != "cpu":
+        return True
+    lo, hi = torch.aminmax(x)
+    return bool(lo < clamp[0]) or bool(hi > clamp[1])
+
+
+def _forward_torch(mu, logvar, seed, training, clamp, kl_dtype):
+    n_rows, n_cols = mu.shape
+    cdt = _compute_dtype(mu.dtype)
+    kl = torch.empty(n_rows, dtype=cdt, device=mu.device)
+    z = torch.empty((n_rows, n_cols), dtype=mu.dtype, device=mu.device) if training else None
+
+    def block(b, r0, r1, s):
+        shape = (r1 - r0, n_cols)
+        mu_b = s.compute_dtype(mu[r0:r1], "mu")
+        lv = s.compute_dtype(logvar[r0:r1], "lv")
+        if _out_of_range(lv, clamp):
+            lv = torch.clamp(lv, *clamp, out=s.buf("lv", shape))  # in place if lv is that buffer
+        std = torch.mul(lv, 0.5, out=s.buf("std", shape)).exp_()
+        if training:
+            eps = s.randn(shape, seed, b)
+            if z.dtype == cdt:
+                torch.addcmul(mu_b, std, eps, out=z[r0:r1])
+            else:
+                z[r0:r1].copy_(eps.mul_(std).add_(mu_b))
+        # std is dead once z is written: reuse it for the KL terms exp(lv) - lv - 1 + mu^2.
+        terms = std.square_().sub_(lv).sub_(1.0).addcmul_(mu_b, mu_b)
+        torch.sum(terms, -1, out=kl[r0:r1]).mul_(0.5)
+
+    _for_each_block(n_rows, n_cols, mu.device, cdt, block)
+    return z, kl.to(kl_dtype)
+
+
+def _backward_torch(mu, logvar, grad_z, grad_kl, seed, clamp):
+    # dmu = grad_z + grad_kl * mu
+    # dlv = [lo <= logvar <= hi] * (0.5 * grad_z * eps * std + 0.5 * grad_kl * (std^2 - 1))
+    n_rows, n_cols = mu.shape
+    cdt = _compute_dtype(mu.dtype)
+    dmu = torch.empty((n_rows, n_cols), dtype=mu.dtype, device=mu.device)
+    dlv = torch.empty((n_rows, n_cols), dtype=logvar.dtype, device=logvar.device)
+    direct = dmu.dtype == cdt and (grad_z is None or grad_z.dtype == cdt)  # write outputs via out=
+
+    def block(b, r0, r1, s):
+        shape = (r1 - r0, n_cols)
+        lv_in = s.compute_dtype(logvar[r0:r1], "lv_in")
+        clipped = _out_of_range(lv_in, clamp)
+        lv = torch.clamp(lv_in, *clamp, out=s.buf("lv", shape)) if clipped else lv_in
+        std = torch.mul(lv, 0.5, out=s.buf("std", shape)).exp_()
+        gz = grad_z[r0:r1] if grad_z is not None else None
+        g = grad_kl[r0:r1].to(cdt).unsqueeze(-1) if grad_kl is not None else None
+        dmu_b, dlv_b = dmu[r0:r1], dlv[r0:r1]
+
+        if g is None:
+            dmu_b.copy_(gz)
+        else:
+            mu_b = s.compute_dtype(mu[r0:r1], "mu")
+            if gz is None:
+                torch.mul(mu_b, g, out=dmu_b) if direct else dmu_b.copy_(mu_b * g)
+            else:
+                torch.addcmul(gz, mu_b, g, out=dmu_b) if direct else dmu_b.copy_(torch.addcmul(gz.to(cdt), mu_b, g))
+
+        if gz is not None:
+            # The very same eps as the forward: same block, same generator seed.
+            eps_std = s.randn(shape, seed, b).mul_(std)
+        if g is None:
+            res = eps_std.mul_(gz).mul_(0.5)
+        else:
+            var_half = std.square_().sub_(1.0).mul_(0.5 * g)
+            if gz is None:
+                res = var_half
+            elif direct:
+                res = torch.addcmul(var_half, eps_std, gz, value=0.5, out=dlv_b)
+            else:
+                res = var_half.addcmul_(eps_std, gz.to(cdt), value=0.5)
+        if res is not dlv_b:
+            dlv_b.copy_(res)
+        if clipped:
+            # torch.clamp semantics: zero gradient strictly outside [lo, hi]; clamp(x) == x inside.
+            dlv_b.masked_fill_(lv.ne(lv_in), 0.0)
+
+    _for_each_block(n_rows, n_cols, mu.device, cdt, block)
+    return dmu, dlv
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd glue
+# ----------------------------------------------------------------------------------------------
+
+
+class _VIBSampleKL(torch.autograd.Function):
+    """Returns ``(z, kl)`` when training, ``kl`` alone in eval (there ``z`` is ``mu`` itself)."""
+
+    @staticmethod
+    def forward(ctx, mu, logvar, seed, training, clamp, path):
+        n_cols = mu.shape[-1]
+        kl_dtype = torch.promote_types(mu.dtype, torch.float32)
+        mu2, lv2 = mu.reshape(-1, n_cols), logvar.reshape(-1, n_cols)
+        if path == "triton":
+            from vrpo_fast.kernels._launch import last_dim_contiguous
+            from vrpo_fast.kernels.vib import vib_forward
+
+            z, kl = vib_forward(last_dim_contiguous(mu2), last_dim_contiguous(lv2), seed, training, clamp, kl_dtype)
+        else:
+            z, kl = _forward_torch(mu2, lv2, seed, training, clamp, kl_dtype)
+        ctx.save_for_backward(mu, logvar)
+        ctx.seed, ctx.training, ctx.clamp, ctx.path = seed, training, clamp, path
+        ctx.set_materialize_grads(False)
+        kl = kl.view(mu.shape[:-1])
+        return (z.view(mu.shape), kl) if training else kl
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        grad_z, grad_kl = grads if ctx.training else (None, grads[0])
+        if grad_z is None and grad_kl is None:
+            return None, None, None, None, None, None
+        mu, logvar = ctx.saved_tensors
+        n_cols = mu.shape[-1]
+        mu2, lv2 = mu.reshape(-1, n_cols), logvar.reshape(-1, n_cols)
+        gz2 = grad_z.reshape(-1, n_cols) if grad_z is not None else None
+        gkl1 = grad_kl.reshape(-1) if grad_kl is not None else None
+        if ctx.path == "triton":
+            from vrpo_fast.kernels._launch import last_dim_contiguous
+            from vrpo_fast.kernels.vib import vib_backward
+
+            dmu, dlv = vib_backward(
+                last_dim_contiguous(mu2), last_dim_contiguous(lv2),
+                last_dim_contiguous(gz2) if gz2 is not None else None,
+                gkl1.contiguous() if gkl1 is not None else None,
+                ctx.seed, ctx.clamp,
+            )
+        else:
+            dmu, dlv = _backward_torch(mu2, lv2, gz2, gkl1, ctx.seed, ctx.clamp)
+        return dmu.view(mu.shape), dlv.view(logvar.shape), None, None, None, None
+
+
 def vib_sample_kl(mu, logvar, *, seed=None, training=True, logvar_clamp=(-20.0, 10.0), backend="auto"):
-    return vib_sample_kl_reference(mu, logvar, training=training, logvar_clamp=logvar_clamp)
+    """Fused VIB sample ``z`` and per-row KL to N(0, I); see the module docstring for the math.
+
+    Args:
+        mu, logvar: ``[..., L]`` tensors of the same shape, dtype (fp32/bf16/fp16/fp64) and device.
+        seed: int in ``[0, 2**63)`` fixing ``eps``; None draws one from torch's default CPU generator
+            (so ``torch.manual_seed`` controls it). The same seed gives the same ``z`` on one backend.
+        training: False returns ``z = mu`` (no noise) and still the KL.
+        logvar_clamp: ``(low, high)`` applied to ``logvar`` before use (zero gradient outside it,
+            like ``torch.clamp``); None disables clamping.
+        backend: ``"auto"`` (CUDA -> Triton, CPU -> torch), ``"triton"`` or ``"torch"``.
+
+    Returns:
+        ``(z, kl)``: ``z`` like ``mu`` (same dtype), ``kl`` of shape ``mu.shape[:-1]`` in fp32
+        (fp64 for fp64 inputs). Both are differentiable w.r.t. ``mu`` and ``logvar``; the backward
+        keeps only ``mu``, ``logvar`` and the seed.
+    """
+    check_tensor("mu", mu, dtypes=FLOAT_DTYPES)
+    check_tensor("logvar", logvar, dtypes=FLOAT_DTYPES)
+    if mu.dim() == 0:
+        raise ValueError("mu must have a latent (last) dimension, got a 0-D tensor")
+    check_same_shape("mu", mu, "logvar", logvar)
+    if logvar.dtype != mu.dtype:
+        raise TypeError(f"logvar must have the same dtype as mu ({mu.dtype}), got {logvar.dtype}")
+    check_tensor("logvar", logvar, device=mu.device)
+    if mu.shape[-1] == 0:
+        raise ValueError(f"mu must have a non-empty latent (last) dimension, got shape {tuple(mu.shape)}")
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {type(training).__name__}")
+    clamp = _check_clamp(logvar_clamp)
+    path = resolve_backend(backend, mu, logvar)
+    if seed is not None:
+        seed = _check_seed(seed)
+    elif training:
+        seed = _draw_seed()
+    else:
+        seed = 0  # unused: eval draws no noise (and leaves the global RNG alone)
+    out = _VIBSampleKL.apply(mu, logvar, seed, training, clamp, path)
+    return out if training else (mu, out)
