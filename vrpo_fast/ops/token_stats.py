@@ -1,11 +1,39 @@
 """Per-token log-prob of the label and entropy of the next-token distribution, from logits.
 
-STUB (issue [1 of 6] in progress): only the reference implementation exists yet; the public op
-calls it so callers can already use the final name and signature.
+``token_logprobs_entropy(logits, labels)`` returns, for every token, ``log softmax(x)[label]`` and
+``H = -sum softmax(x) * log softmax(x)`` with ``x = logits / temperature``, both fp32, without ever
+materialising an N x V log-softmax:
+
+* CUDA: Triton kernels (:mod:`vrpo_fast.kernels.token_stats`) read the logits once in the forward and
+  once more in the backward, which writes the gradient once (optionally over the logits buffer).
+* CPU: chunked PyTorch. Rows are processed in chunks small enough to stay in cache; no temporary
+  is larger than one chunk, so peak extra memory is O(chunk) (plus the gradient itself).
+
+The forward saves only the per-row log-sum-exp (and entropy) for backward. Gradients, with
+``p = softmax(x)``: ``d logp/dx = onehot - p``, ``dH/dx = -p (log p + H)``, chained with
+``1 / temperature``.
+
+``token_stats_forward_2d`` / ``token_stats_backward_2d`` are the un-validated building blocks (also
+used by :mod:`vrpo_fast.ops.linear_stats`); keep their signatures stable.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+
+from ._common import FLOAT_DTYPES, check_tensor, resolve_backend
+
+INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+# Target size of one fp32 chunk of rows on the torch path (the workspaces are this big). Smaller
+# chunks stay in cache, but each chunk costs ~7 intra-op parallel regions, and on a busy machine every
+# region waits for all OpenMP threads to be scheduled: on the shared 2-core dev box, 32 MiB chunks
+# were ~2x faster than 4 MiB ones with 2 threads, and within 1.5x of the best chunk with 1 thread.
+_CHUNK_BYTES = 32 << 20
+# After exp(), entries with exp == 0 (incl. -inf logits) are clamped to this before multiplying by
+# exp, so 0 * (-inf) never produces nan. exp(-1e3) == 0 in every float dtype, so nothing else moves.
+_NEG_CLAMP = -1.0e3
 
 
 def token_logprobs_entropy_reference(logits, labels, *, temperature=1.0, ignore_index=-100, compute_entropy=True):
@@ -19,14 +47,289 @@ def token_logprobs_entropy_reference(logits, labels, *, temperature=1.0, ignore_
     lp = torch.where(valid, lp, torch.zeros_like(lp))
     ent = None
     if compute_entropy:
-        ent = -(logp.exp() * logp).sum(-1)
+        # xlogy: p * log p with 0 * log 0 = 0 (exact zeros from -inf logits).
+        ent = -torch.special.xlogy(logp.exp(), logp.exp()).sum(-1)
         ent = torch.where(valid, ent, torch.zeros_like(ent))
     return lp, ent
 
 
+# ----------------------------------------------------------------------------------------------
+# Torch (CPU) building blocks
+# ----------------------------------------------------------------------------------------------
+def _rows_per_chunk(V: int) -> int:
+    return max(1, _CHUNK_BYTES // (4 * max(V, 1)))
+
+
+def _load_scaled(x: torch.Tensor, inv_temperature: float, ws: torch.Tensor) -> torch.Tensor:
+    """``ws <- x * inv_temperature`` in the accumulation dtype (upcast first for fp16/bf16)."""
+    if inv_temperature == 1.0:
+        return ws.copy_(x)
+    if x.dtype == ws.dtype:
+        return torch.mul(x, inv_temperature, out=ws)
+    return ws.copy_(x).mul_(inv_temperature)
+
+
+# The torch path works on chunks of rows in two reusable workspaces: fresh buffers per chunk would
+# page-fault on every chunk, and in-place passes over a cache-sized chunk are cheap, so the math is
+# written as a few out= / in-place passes rather than expressions that allocate N x V temporaries.
+def _forward_torch_2d(logits, labels, inv_temperature, ignore_index, compute_entropy):
+    N, V = logits.shape
+    acc_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logprobs = torch.empty(N, dtype=torch.float32, device=logits.device)
+    entropy = torch.empty(N, dtype=torch.float32, device=logits.device) if compute_entropy else None
+    lse = torch.empty(N, dtype=torch.float32, device=logits.device)
+    valid = labels != ignore_index
+    safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(1)
+    step = max(1, min(N, _rows_per_chunk(V)))
+    ws_t = torch.empty(step, V, dtype=acc_dtype, device=logits.device)
+    ws_e = torch.empty(step, V, dtype=acc_dtype, device=logits.device)
+    plain = logits.dtype == acc_dtype and inv_temperature == 1.0
+    for i in range(0, N, step):
+        j = min(N, i + step)
+        t, e = ws_t[: j - i], ws_e[: j - i]
+        x = logits[i:j] if plain else _load_scaled(logits[i:j], inv_temperature, t)
+        m = x.amax(dim=1, keepdim=True)
+        x_label = x.gather(1, safe_labels[i:j]).squeeze(1)
+        torch.sub(x, m, out=t)  # shifted logits, <= 0 (in place when x is t)
+        torch.exp(t, out=e)
+        s = e.sum(dim=1)
+        log_s = torch.log(s)
+        m = m.squeeze(1)
+        lse[i:j] = m + log_s
+        # (x_label - m) - log s, not x_label - lse: lse ~ |logits| loses low bits when rounded.
+        logprobs[i:j] = torch.where(valid[i:j], (x_label - m) - log_s, 0.0)
+        if compute_entropy:
+            # H = log s - sum(e * t) / s. Clamping t where e == 0 (incl. -inf logits) keeps the
+            # product at 0 instead of 0 * -inf = nan.
+            w = e.mul_(t.clamp_min_(_NEG_CLAMP)).sum(dim=1)
+            entropy[i:j] = torch.where(valid[i:j], log_s - w / s, 0.0)
+    return logprobs, entropy, lse
+
+
+def _backward_torch_2d(logits, labels, lse, entropy, grad_logprobs, grad_entropy, inv_temperature,
+                       ignore_index, out):
+    N, V = logits.shape
+    acc_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    valid = labels != ignore_index
+    zeros = torch.zeros(N, dtype=acc_dtype, device=logits.device)
+    g_lp = torch.where(valid, grad_logprobs.to(acc_dtype), zeros) if grad_logprobs is not None else zeros
+    g_h = torch.where(valid, grad_entropy.to(acc_dtype), zeros) if grad_entropy is not None else None
+    # d/dx = p * (c_lin * logp + c_const) + g_lp * onehot, all / temperature.
+    c_const = (-g_lp * inv_temperature).unsqueeze(1)
+    if g_h is not None:
+        c_const = c_const - (g_h * entropy.to(acc_dtype) * inv_temperature).unsqueeze(1)
+        c_lin = (-g_h * inv_temperature).unsqueeze(1)
+    g_label = (g_lp * inv_temperature).unsqueeze(1)
+    safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(1)
+    lse = lse.to(acc_dtype).unsqueeze(1)
+    step = max(1, min(N, _rows_per_chunk(V)))
+    ws_logp = torch.empty(step, V, dtype=acc_dtype, device=logits.device)
+    # fp32 output (fp64 for fp64): p is computed straight into the output rows, so the backward needs
+    # a single workspace; fp16/bf16 outputs get p in fp32 and one rounding copy at the end.
+    direct = out.dtype == acc_dtype
+    ws_p = None if direct else torch.empty(step, V, dtype=acc_dtype, device=logits.device)
+    plain = logits.dtype == acc_dtype and inv_temperature == 1.0
+    for i in range(0, N, step):
+        j = min(N, i + step)
+        logp = ws_logp[: j - i]
+        x = logits[i:j] if plain else _load_scaled(logits[i:j], inv_temperature, logp)
+        torch.sub(x, lse[i:j], out=logp)
+        # Every read of this chunk of logits is done: writing `out` (possibly the logits) is safe.
+        p = out[i:j] if direct else ws_p[: j - i]
+        torch.exp(logp, out=p)
+        if g_h is None:
+            p.mul_(c_const[i:j])
+        else:
+            # Clamp where p == 0 (incl. -inf logits) so the product is 0, not 0 * inf = nan.
+            logp.clamp_min_(_NEG_CLAMP).mul_(c_lin[i:j]).add_(c_const[i:j])
+            p.mul_(logp)
+        p.scatter_add_(1, safe_labels[i:j], g_label[i:j])
+        if not direct:
+            out[i:j].copy_(p)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks (validated inputs; shared with linear_stats)
+# ----------------------------------------------------------------------------------------------
+def token_stats_forward_2d(logits, labels, *, temperature, ignore_index, compute_entropy, backend):
+    """logits [N, V] (last dim contiguous), labels [N] int64; validated already. backend in {"triton","torch"}.
+
+    Returns (logprobs fp32 [N], entropy fp32 [N] or None, lse fp32 [N]) where lse = logsumexp(logits/temperature).
+    Ignored labels give logprob 0 and entropy 0 (lse is still computed).
+    """
+    inv_t = 1.0 / float(temperature)
+    if backend == "triton":
+        from vrpo_fast.kernels.token_stats import token_stats_fwd
+
+        return token_stats_fwd(logits, labels, inv_temperature=inv_t, ignore_index=ignore_index,
+                               compute_entropy=compute_entropy)
+    return _forward_torch_2d(logits, labels, inv_t, ignore_index, compute_entropy)
+
+
+def token_stats_backward_2d(logits, labels, lse, entropy, grad_logprobs, grad_entropy, *, temperature, ignore_index,
+                            out, backend):
+    """grad_logprobs / grad_entropy: fp32 [N] or None (= zeros). out: None (allocate, dtype of logits) or a
+    [N, V] tensor to write into, which may be `logits` itself (in-place). Returns the grad w.r.t. logits."""
+    inv_t = 1.0 / float(temperature)
+    if out is None:
+        out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    if backend == "triton":
+        from vrpo_fast.kernels.token_stats import token_stats_bwd
+
+        return token_stats_bwd(logits, labels, lse, entropy, grad_logprobs, grad_entropy, out,
+                               inv_temperature=inv_t, ignore_index=ignore_index)
+    return _backward_torch_2d(logits, labels, lse, entropy, grad_logprobs, grad_entropy, inv_t, ignore_index, out)
+
+
+# ----------------------------------------------------------------------------------------------
+# [N, V] or [B, T, V] dispatch (leading strides kept, no copy)
+# ----------------------------------------------------------------------------------------------
+def _rows_2d(logits: torch.Tensor) -> Optional[torch.Tensor]:
+    """[B, T, V] -> [B*T, V] view when the leading strides allow it, else None."""
+    if logits.dim() == 2:
+        return logits
+    B, T, V = logits.shape
+    if B == 1 or T == 1 or logits.stride(0) == T * logits.stride(1):
+        return logits.as_strided((B * T, V), (logits.stride(1) if T > 1 else logits.stride(0), 1))
+    return None
+
+
+def _forward_nd(logits, labels, temperature, ignore_index, compute_entropy, backend):
+    if backend == "triton":
+        from vrpo_fast.kernels.token_stats import token_stats_fwd
+
+        return token_stats_fwd(logits, labels, inv_temperature=1.0 / float(temperature), ignore_index=ignore_index,
+                               compute_entropy=compute_entropy)
+    kw = dict(temperature=temperature, ignore_index=ignore_index, compute_entropy=compute_entropy, backend=backend)
+    flat = _rows_2d(logits)
+    if flat is not None:
+        lp, ent, lse = token_stats_forward_2d(flat, labels.reshape(-1), **kw)
+        shape = labels.shape
+        return lp.view(shape), (ent.view(shape) if ent is not None else None), lse.view(shape)
+    # Leading strides that cannot be flattened (e.g. logits[:, :-1]): one 2-D view per sequence.
+    parts = [token_stats_forward_2d(logits[b], labels[b], **kw) for b in range(logits.shape[0])]
+    lp = torch.stack([p[0] for p in parts])
+    ent = torch.stack([p[1] for p in parts]) if compute_entropy else None
+    lse = torch.stack([p[2] for p in parts])
+    return lp, ent, lse
+
+
+def _backward_nd(logits, labels, lse, entropy, grad_logprobs, grad_entropy, temperature, ignore_index, out, backend):
+    if out is None:
+        out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    if backend == "triton":
+        from vrpo_fast.kernels.token_stats import token_stats_bwd
+
+        return token_stats_bwd(logits, labels, lse, entropy, grad_logprobs, grad_entropy, out,
+                               inv_temperature=1.0 / float(temperature), ignore_index=ignore_index)
+    kw = dict(temperature=temperature, ignore_index=ignore_index, backend=backend)
+    flat, flat_out = _rows_2d(logits), _rows_2d(out)
+    if flat is not None and flat_out is not None:
+        def rows(t):
+            return t.reshape(-1) if t is not None else None
+
+        token_stats_backward_2d(flat, rows(labels), rows(lse), rows(entropy), rows(grad_logprobs),
+                                rows(grad_entropy), out=flat_out, **kw)
+        return out
+    for b in range(logits.shape[0]):
+        def seq(t):
+            return t[b] if t is not None else None
+
+        token_stats_backward_2d(logits[b], labels[b], lse[b], seq(entropy), seq(grad_logprobs), seq(grad_entropy),
+                                out=out[b], **kw)
+    return out
+
+
+class _TokenLogprobsEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, temperature, ignore_index, compute_entropy, inplace_backward, backend):
+        logprobs, entropy, lse = _forward_nd(logits, labels, temperature, ignore_index, compute_entropy, backend)
+        # Only the logits (already alive) and per-row lse / entropy are kept: no N x V temporaries.
+        ctx.save_for_backward(logits, labels, lse, entropy)
+        ctx.temperature, ctx.ignore_index = temperature, ignore_index
+        ctx.inplace_backward, ctx.backend = inplace_backward, backend
+        ctx.set_materialize_grads(False)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        logits, labels, lse, entropy = ctx.saved_tensors
+        if grad_logprobs is None and grad_entropy is None:
+            return (None,) * 7
+        out = logits if ctx.inplace_backward else None
+        grad = _backward_nd(logits, labels, lse, entropy, grad_logprobs, grad_entropy, ctx.temperature,
+                            ctx.ignore_index, out, ctx.backend)
+        return grad, None, None, None, None, None, None
+
+
+def _validate(logits, labels, temperature, ignore_index, check_label_range):
+    check_tensor("logits", logits, dtypes=FLOAT_DTYPES, ndim=(2, 3))
+    check_tensor("labels", labels, dtypes=INT_DTYPES)
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"labels must have the leading shape of logits {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}"
+        )
+    if labels.device != logits.device:
+        raise ValueError(f"labels must be on the same device as logits ({logits.device}), got {labels.device}")
+    V = logits.shape[-1]
+    if V == 0:
+        raise ValueError("logits must have a non-empty last (vocabulary) dimension")
+    if logits.stride(-1) != 1 and V > 1:
+        raise ValueError(
+            f"logits must be contiguous in the last (vocabulary) dimension, got stride {logits.stride(-1)}; "
+            "call logits.contiguous() first (leading strides may be arbitrary)"
+        )
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+    if not (temperature > 0 and temperature < float("inf")):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if check_label_range and labels.numel() > 0:
+        # One reduction (a device sync on CUDA); out-of-range labels would read out of bounds.
+        bad = ((labels < 0) | (labels >= V)) & (labels != ignore_index)
+        if bool(bad.any()):
+            first = labels[bad][0].item()
+            raise ValueError(f"labels must be in [0, {V}) or equal ignore_index={ignore_index}, got {first}")
+
+
 def token_logprobs_entropy(logits, labels, *, temperature=1.0, ignore_index=-100, compute_entropy=True,
-                           inplace_backward=False, backend="auto"):
-    lp, ent = token_logprobs_entropy_reference(
-        logits, labels, temperature=temperature, ignore_index=ignore_index, compute_entropy=compute_entropy
-    )
-    return lp.float(), (ent.float() if ent is not None else None)
+                           inplace_backward=False, backend="auto", _check_label_range=True):
+    """Per-token log-prob of ``labels`` and entropy under ``softmax(logits / temperature)``.
+
+    Args:
+        logits: [B, T, V] or [N, V], fp16 / bf16 / fp32 (fp64 on the torch path). The vocabulary dim
+            must be contiguous; leading strides are free (``logits[:, :-1]`` is used without a copy).
+        labels: integer tensor with the leading shape of ``logits``. Entries equal to ``ignore_index``
+            give 0 in both outputs and zero gradient; others must lie in ``[0, V)``.
+        temperature: divides the logits before the softmax (> 0).
+        compute_entropy: if False, ``entropy`` is None and its work is skipped.
+        inplace_backward: the backward writes d/dlogits over the logits buffer and returns it as the
+            gradient, saving one N x V allocation. The logits are DESTROYED by the backward; use it only
+            when nothing else reads them afterwards (typical: lm_head output feeding only this op).
+            Refused (ValueError) for a leaf tensor or a view of one.
+        backend: "auto" (CUDA -> Triton, CPU -> chunked torch), "triton" or "torch".
+
+    Returns:
+        ``(logprobs, entropy)``: fp32, shaped like ``labels``; ``entropy`` is None when
+        ``compute_entropy=False``. Both are differentiable w.r.t. ``logits``.
+    """
+    _validate(logits, labels, temperature, ignore_index, _check_label_range)
+    if inplace_backward and logits.requires_grad:
+        root = logits._base if logits._base is not None else logits
+        if root.is_leaf:
+            # The gradient would be the leaf's own storage (p.grad aliasing p): an optimizer step
+            # would then corrupt the parameter.
+            raise ValueError(
+                "inplace_backward=True needs logits produced by an op (e.g. the lm_head matmul), not a leaf "
+                "tensor or a view of one: its buffer is overwritten by the gradient"
+            )
+    backend = resolve_backend(backend, logits)
+    labels = labels.long()
+    temperature = float(temperature)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _TokenLogprobsEntropy.apply(logits, labels, temperature, ignore_index, bool(compute_entropy),
+                                           bool(inplace_backward), backend)
+    logprobs, entropy, _ = _forward_nd(logits, labels, temperature, ignore_index, bool(compute_entropy), backend)
+    return logprobs, entropy
