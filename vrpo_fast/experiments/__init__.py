@@ -1,0 +1,1 @@
+"""Experiments built on the trainer (``python -m vrpo_fast.experiments.robustness``)."""

@@ -1,0 +1,93 @@
+"""Loading a user's task data from JSON Lines, with errors that name the file and the line."""
+from __future__ import annotations
+
+import json
+import os
+import random
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
+
+T = TypeVar("T")
+
+
+class JsonlError(ValueError):
+    """A malformed line in a task JSONL file; the message starts with ``path:line:``."""
+
+    def __init__(self, path: str, lineno: int, reason: str):
+        self.path, self.lineno, self.reason = str(path), int(lineno), reason
+        super().__init__(f"{path}:{lineno}: {reason}")
+
+
+def iter_jsonl(path: str, required: Sequence[str] = ()) -> Iterator[Tuple[int, Dict[str, Any]]]:
+    """Yield ``(line_number, record)`` for every non-blank line of ``path`` (1-based line numbers).
+
+    Raises :class:`JsonlError` (a ValueError) for a line that is not JSON, not a JSON object, or
+    lacks one of the ``required`` keys, and FileNotFoundError if ``path`` does not exist.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"task data file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise JsonlError(path, lineno, f"invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise JsonlError(path, lineno, f"expected a JSON object, got {type(record).__name__}")
+            missing = [k for k in required if k not in record]
+            if missing:
+                raise JsonlError(
+                    path, lineno, f"missing key(s) {', '.join(map(repr, missing))} (has: {', '.join(map(repr, record))})"
+                )
+            yield lineno, record
+
+
+def require_str(path: str, lineno: int, record: Dict[str, Any], key: str, allow_empty: bool = False) -> str:
+    """``record[key]`` as a string, or a :class:`JsonlError` saying why it is not one."""
+    value = record.get(key)
+    if not isinstance(value, str):
+        raise JsonlError(path, lineno, f"{key!r} must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise JsonlError(path, lineno, f"{key!r} is empty")
+    return value
+
+
+def split_user_examples(
+    path: str,
+    examples: List[T],
+    eval_examples: Optional[List[T]],
+    n_train: Optional[int],
+    n_eval: Optional[int],
+    seed: int,
+    default_n_eval: int,
+) -> Tuple[List[T], List[T]]:
+    """Train/eval split of user data.
+
+    With a separate eval file (``eval_examples`` not None) the splits are the two files, each cut to
+    ``n_train`` / ``n_eval`` when given. Otherwise the examples are shuffled with ``seed`` and
+    ``n_eval`` of them (default ``default_n_eval``, at most half the file) are held out.
+    """
+    if not examples:
+        raise ValueError(f"{path}: no examples (the file is empty)")
+    if eval_examples is not None:
+        train, held = list(examples), list(eval_examples)
+    else:
+        if len(examples) < 2:
+            raise ValueError(f"{path}: need at least 2 examples to hold some out for evaluation")
+        order = list(range(len(examples)))
+        random.Random(seed).shuffle(order)
+        k = default_n_eval if n_eval is None else int(n_eval)
+        k = max(1, min(k, len(examples) // 2))
+        held = [examples[i] for i in sorted(order[:k])]
+        train = [examples[i] for i in sorted(order[k:])]
+        n_eval = None
+    if n_train is not None:
+        train = train[: int(n_train)]
+    if n_eval is not None:
+        held = held[: int(n_eval)]
+    return train, held
+
+
+__all__ = ["JsonlError", "iter_jsonl", "require_str", "split_user_examples"]
