@@ -1,0 +1,94 @@
+"""Per-step metrics: one JSON line per RL step in ``metrics.jsonl``, and ``curves.png`` from it."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Dict, Iterable, List, Optional
+
+# keys whose values depend on the machine's speed, not on the computation (ignored when comparing runs)
+TIMING_KEYS = ("step_time_s", "tokens_per_s", "wall_time_s")
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item") and getattr(value, "numel", lambda: 1)() == 1:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # strict JSON has no NaN / inf; "undefined this step"
+    return value
+
+
+class MetricsWriter:
+    """Appends one JSON object per line. ``resume_step``: drop lines logged after that step first.
+
+    A run stopped between two checkpoints may have logged steps that the resumed run will redo;
+    cutting them keeps ``metrics.jsonl`` one line per step.
+    """
+
+    def __init__(self, path: str, *, resume_step: Optional[int] = None):
+        self.path = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if resume_step is None:
+            open(path, "w").close()
+        else:
+            kept = [r for r in read_metrics(path) if r.get("step", 0) <= resume_step] if os.path.exists(path) else []
+            tmp = f"{path}.tmp"
+            with open(tmp, "w") as f:
+                for record in kept:
+                    f.write(json.dumps(record) + "\n")
+            os.replace(tmp, path)
+
+    def log(self, record: Dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+
+
+def read_metrics(path: str) -> List[Dict[str, Any]]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def without_timings(records: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+def _series(records, key):
+    pts = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_curves(metrics_path: str, out_path: str, *, title: str = "") -> Optional[str]:
+    """Clean / noisy reward and the losses over steps; returns the path, or None with no metrics."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path) if os.path.exists(metrics_path) else []
+    if not records:
+        return None
+    panels = [
+        ("reward", [("clean_reward", "clean (true)"), ("noisy_reward", "noisy (seen by the learner)")]),
+        ("losses", [("policy_loss", "policy"), ("value_loss", "value (clipped MSE)"), ("critic_loss", "critic total")]),
+        ("critic regularisers / KL", [("vib_kl", "VIB KL"), ("ent_loss", "aux entropy"), ("ppl_loss", "aux NLL"),
+                                      ("kl_ref", "KL to reference")]),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
+    for ax, (name, keys) in zip(axes, panels):
+        for key, label in keys:
+            xs, ys = _series(records, key)
+            if xs:
+                ax.plot(xs, ys, label=label)
+        ax.set_title(name)
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    tmp = out_path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out_path)
+    return out_path

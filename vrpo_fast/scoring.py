@@ -1,0 +1,98 @@
+"""Per-token statistics of a causal LM on rollouts, without materialising the [B, T, V] logits.
+
+:class:`TokenScorer` wraps a Hugging Face causal LM: its forward runs the LM's body to the final
+hidden state and hands it, with the ``lm_head`` weight, to the fused
+:func:`vrpo_fast.ops.linear_logprobs_entropy`. Being an ``nn.Module`` whose forward is the whole
+computation, it is what ``accelerator.prepare`` wraps in DDP for the policy (gradients are averaged
+across processes) and what scores the frozen reference.
+
+All outputs are state-aligned (see :mod:`vrpo_fast.rollout`): entry t scores token t + 1.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vrpo_fast.ops import linear_logprobs_entropy, sequence_perplexity
+
+from .rollout import Rollout, position_ids_from_mask
+
+IGNORE_INDEX = -100
+
+
+def next_token_labels(input_ids: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
+    """``labels[:, t] = input_ids[:, t + 1]`` where ``action_mask`` is set, else ``IGNORE_INDEX``."""
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:, :-1] = input_ids[:, 1:]
+    return torch.where(action_mask.bool(), labels, torch.full_like(labels, IGNORE_INDEX))
+
+
+class TokenScorer(nn.Module):
+    """``forward(input_ids, attention_mask, labels) -> (logprobs [B, T], entropy [B, T] or None)``, fp32."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+        head = lm.get_output_embeddings()
+        if head is None or not hasattr(head, "weight"):
+            raise ValueError(f"{type(lm).__name__} has no output embedding (lm_head) to score tokens with")
+        self._takes_position_ids = "position_ids" in inspect.signature(lm.base_model.forward).parameters
+
+    def hidden_states(self, input_ids, attention_mask):
+        """The body's final (normed) hidden states; positions skip left padding, as in ``generate``."""
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+        if self._takes_position_ids:
+            kwargs["position_ids"] = position_ids_from_mask(attention_mask)
+        return self.lm.base_model(**kwargs).last_hidden_state
+
+    def forward(self, input_ids, attention_mask, labels, *, temperature: float = 1.0, compute_entropy: bool = True):
+        hidden = self.hidden_states(input_ids, attention_mask)
+        head = self.lm.get_output_embeddings()
+        weight, bias = head.weight, head.bias
+        # under autocast the body returns low-precision activations while the master weight is fp32:
+        # run the head in the activations' dtype, as autocast would run an nn.Linear
+        dtype = hidden.dtype if torch.is_autocast_enabled(hidden.device.type) else weight.dtype
+        return linear_logprobs_entropy(
+            hidden.to(dtype), weight.to(dtype), labels, None if bias is None else bias.to(dtype),
+            temperature=temperature, ignore_index=IGNORE_INDEX, compute_entropy=compute_entropy,
+        )
+
+
+@dataclass
+class ReferenceStats:
+    """What the frozen reference LM says about each rollout token (state-aligned, zero off the mask)."""
+
+    logprobs: torch.Tensor  # [B, T] log pi_ref(token)
+    entropy: torch.Tensor  # [B, T] entropy of pi_ref's next-token distribution
+    perplexity: torch.Tensor  # [B] exp(mean NLL over the completion)
+
+    @property
+    def nll(self) -> torch.Tensor:
+        return -self.logprobs
+
+
+def score(scorer: nn.Module, rollout: Rollout, *, temperature: float = 1.0, compute_entropy: bool = True,
+          batch_size: int = 0):
+    """``scorer`` over a rollout (in chunks of ``batch_size`` rows; 0: all at once)."""
+    action_mask = rollout.action_mask
+    labels = next_token_labels(rollout.input_ids, action_mask)
+    n = rollout.input_ids.shape[0]
+    step = batch_size if batch_size > 0 else n
+    lps, ents = [], []
+    for i in range(0, n, step):
+        sl = slice(i, i + step)
+        lp, ent = scorer(rollout.input_ids[sl], rollout.attention_mask[sl], labels[sl], temperature=temperature,
+                         compute_entropy=compute_entropy)
+        lps.append(lp)
+        ents.append(ent)
+    return torch.cat(lps), (torch.cat(ents) if compute_entropy else None)
+
+
+@torch.no_grad()
+def reference_stats(ref_scorer: nn.Module, rollout: Rollout, *, temperature: float = 1.0) -> ReferenceStats:
+    """Frozen-LM log-probs, entropies and sequence perplexities: the VRPO auxiliary targets and the KL anchor."""
+    logprobs, entropy = score(ref_scorer, rollout, temperature=temperature)
+    return ReferenceStats(logprobs, entropy, sequence_perplexity(logprobs, rollout.action_mask))
