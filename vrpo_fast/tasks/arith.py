@@ -7,9 +7,6 @@ from ``seed``; the held-out split shares no (a, b, op) triple with the train spl
 from __future__ import annotations
 
 import random
-from typing import List, Sequence
-
-import torch
 
 from .base import Example, Task
 
@@ -46,14 +43,5 @@ class ArithTask(Task):
         answer = str(_APPLY[op](a, b))
         return Example(prompt=f"{a}{op}{b}=", answer=answer, reference=answer)
 
-    def train_examples(self) -> List[Example]:
-        return list(self._train)
-
-    def eval_examples(self) -> List[Example]:
-        return list(self._eval)
-
-    def reward(self, examples: Sequence[Example], completions: Sequence[str]) -> torch.Tensor:
-        if len(examples) != len(completions):
-            raise ValueError(f"got {len(examples)} examples but {len(completions)} completions")
-        return torch.tensor([float(c.strip() == e.answer) for e, c in zip(examples, completions)],
-                            dtype=torch.float32)
+    def grade(self, example: Example, completion: str) -> float:
+        return float(completion.strip() == example.answer)

@@ -27,8 +27,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .base import Example, Task
-from .jsonl import iter_jsonl, require_str, split_user_examples
+from .base import Example, Task, check_pairs
+from .jsonl import build_splits, iter_jsonl, require_str
 
 # topic -> (requests, good replies). Every reply answers its own topic's requests only, so the same
 # polite reply is a *bad* (off-topic) answer to every other topic: the reward model must read the prompt.
@@ -316,24 +316,13 @@ class DialogueTask(Task):
         num_train: Optional[int] = None,
         num_eval: Optional[int] = None,
     ):
-        # num_train / num_eval: the spelling ArithTask uses, accepted as aliases
-        n_train = n_train if n_train is not None else num_train
-        n_eval = n_eval if n_eval is not None else num_eval
         self.seed, self.path, self.device, self.cache_dir = int(seed), path, str(device), cache_dir
         self.reward_model_path = reward_model
-        if path is not None:
-            eval_examples = load_dialogue_jsonl(eval_path) if eval_path is not None else None
-            self._train, self._eval = split_user_examples(
-                path, load_dialogue_jsonl(path), eval_examples, n_train, n_eval, self.seed, default_n_eval=100
-            )
-        else:
-            if eval_path is not None:
-                raise ValueError("eval_path needs path (the training file) as well")
-            n_train = 2000 if n_train is None else int(n_train)
-            n_eval = 100 if n_eval is None else int(n_eval)
-            if n_train < 0 or n_eval < 1:
-                raise ValueError(f"need n_train >= 0 and n_eval >= 1, got {n_train}, {n_eval}")
-            self._train, self._eval = generate_conversations(self.seed, n_train, n_eval)
+        self._train, self._eval = build_splits(
+            path=path, eval_path=eval_path, load=load_dialogue_jsonl,
+            generate=lambda nt, ne: generate_conversations(self.seed, nt, ne),
+            n_train=n_train, n_eval=n_eval, num_train=num_train, num_eval=num_eval, seed=self.seed, default_n_eval=100,
+        )
         self._score: Optional[Callable] = None
 
     def scorer(self) -> Callable:
@@ -344,15 +333,8 @@ class DialogueTask(Task):
             self._score = _scorer(path, self.device)
         return self._score
 
-    def train_examples(self) -> List[Example]:
-        return list(self._train)
-
-    def eval_examples(self) -> List[Example]:
-        return list(self._eval)
-
     def reward(self, examples: Sequence[Example], completions: Sequence[str]) -> torch.Tensor:
-        if len(examples) != len(completions):
-            raise ValueError(f"got {len(examples)} examples but {len(completions)} completions")
+        check_pairs(examples, completions)
         if not examples:
             return torch.zeros(0)
         return self.scorer()([e.prompt for e in examples], list(completions)).float().cpu()

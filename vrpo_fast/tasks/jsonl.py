@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 T = TypeVar("T")
 
@@ -91,3 +91,35 @@ def split_user_examples(
 
 
 __all__ = ["JsonlError", "iter_jsonl", "require_str", "split_user_examples"]
+
+
+def build_splits(
+    *,
+    path: Optional[str],
+    eval_path: Optional[str],
+    load: Callable[[str], List[T]],
+    generate: Callable[[int, int], Tuple[List[T], List[T]]],
+    n_train: Optional[int],
+    n_eval: Optional[int],
+    num_train: Optional[int],
+    num_eval: Optional[int],
+    seed: int,
+    default_n_eval: int,
+    default_n_train: int = 2000,
+) -> Tuple[List[T], List[T]]:
+    """(train, eval) for a task: from the user's file(s) when ``path`` is given, else generated.
+
+    ``num_train`` / ``num_eval`` are aliases of ``n_train`` / ``n_eval`` (the spelling ArithTask uses).
+    """
+    n_train = n_train if n_train is not None else num_train
+    n_eval = n_eval if n_eval is not None else num_eval
+    if path is not None:
+        eval_examples = load(eval_path) if eval_path is not None else None
+        return split_user_examples(path, load(path), eval_examples, n_train, n_eval, seed, default_n_eval=default_n_eval)
+    if eval_path is not None:
+        raise ValueError("eval_path needs path (the training file) as well")
+    n_train = default_n_train if n_train is None else int(n_train)
+    n_eval = default_n_eval if n_eval is None else int(n_eval)
+    if n_train < 0 or n_eval < 1:
+        raise ValueError(f"need n_train >= 0 and n_eval >= 1, got {n_train}, {n_eval}")
+    return generate(n_train, n_eval)

@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import random
 import re
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
-import torch
 
 from .answers import grade_number, parse_number, format_number
 from .base import Example, Task
-from .jsonl import JsonlError, iter_jsonl, require_str, split_user_examples
+from .jsonl import JsonlError, build_splits, iter_jsonl, require_str
 
 NAMES = ["Tom", "Ann", "Max", "Eva", "Sam", "Mia", "Ben", "Zoe", "Ali", "Kim", "Leo", "Ivy"]
 ITEMS = ["pens", "eggs", "cards", "books", "coins", "shells", "cups", "beads", "apples", "stamps"]
@@ -219,34 +218,15 @@ class MathTask(Task):
         num_train: Optional[int] = None,
         num_eval: Optional[int] = None,
     ):
-        # num_train / num_eval: the spelling ArithTask uses, accepted as aliases
-        n_train = n_train if n_train is not None else num_train
-        n_eval = n_eval if n_eval is not None else num_eval
         self.seed, self.difficulty, self.path = int(seed), int(difficulty), path
-        if path is not None:
-            eval_examples = load_gsm8k_jsonl(eval_path) if eval_path is not None else None
-            self._train, self._eval = split_user_examples(
-                path, load_gsm8k_jsonl(path), eval_examples, n_train, n_eval, self.seed, default_n_eval=200
-            )
-        else:
-            if eval_path is not None:
-                raise ValueError("eval_path needs path (the training file) as well")
-            n_train = 2000 if n_train is None else int(n_train)
-            n_eval = 200 if n_eval is None else int(n_eval)
-            if n_train < 0 or n_eval < 1:
-                raise ValueError(f"need n_train >= 0 and n_eval >= 1, got {n_train}, {n_eval}")
-            self._train, self._eval = generate_problems(self.seed, n_train, n_eval, self.difficulty, holdout)
+        self._train, self._eval = build_splits(
+            path=path, eval_path=eval_path, load=load_gsm8k_jsonl,
+            generate=lambda nt, ne: generate_problems(self.seed, nt, ne, self.difficulty, holdout),
+            n_train=n_train, n_eval=n_eval, num_train=num_train, num_eval=num_eval, seed=self.seed, default_n_eval=200,
+        )
 
-    def train_examples(self) -> List[Example]:
-        return list(self._train)
-
-    def eval_examples(self) -> List[Example]:
-        return list(self._eval)
-
-    def reward(self, examples: Sequence[Example], completions: Sequence[str]) -> torch.Tensor:
-        if len(examples) != len(completions):
-            raise ValueError(f"got {len(examples)} examples but {len(completions)} completions")
-        return torch.tensor([grade_number(c, e.answer) for e, c in zip(examples, completions)], dtype=torch.float32)
+    def grade(self, example: Example, completion: str) -> float:
+        return grade_number(completion, example.answer)
 
     def describe(self) -> Dict[str, object]:
         return {"task": self.name, "seed": self.seed, "difficulty": self.difficulty, "path": self.path,

@@ -30,11 +30,10 @@ import random
 from itertools import combinations, permutations
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import torch
 
 from .answers import LETTERS, choice_letters, format_choices, grade_choice, normalize_answer_letter
 from .base import Example, Task
-from .jsonl import JsonlError, iter_jsonl, require_str, split_user_examples
+from .jsonl import JsonlError, build_splits, iter_jsonl, require_str
 
 Fact = Tuple[str, str, Tuple[str, ...]]  # question, correct answer, wrong answers (>= 3)
 
@@ -279,40 +278,19 @@ class SciQATask(Task):
         num_train: Optional[int] = None,
         num_eval: Optional[int] = None,
     ):
-        # num_train / num_eval: the spelling ArithTask uses, accepted as aliases
-        n_train = n_train if n_train is not None else num_train
-        n_eval = n_eval if n_eval is not None else num_eval
         self.seed, self.holdout, self.path, self.n_facts = int(seed), holdout, path, n_facts
         style = reference_style or ("letter" if path is not None else "text")
         if style not in REFERENCE_STYLES:
             raise ValueError(f"reference_style must be one of {REFERENCE_STYLES}, got {reference_style!r}")
         self.reference_style = style
-        if path is not None:
-            eval_examples = load_sciqa_jsonl(eval_path, style) if eval_path is not None else None
-            self._train, self._eval = split_user_examples(
-                path, load_sciqa_jsonl(path, style), eval_examples, n_train, n_eval, self.seed, default_n_eval=200
-            )
-        else:
-            if eval_path is not None:
-                raise ValueError("eval_path needs path (the training file) as well")
-            n_train = 2000 if n_train is None else int(n_train)
-            n_eval = 200 if n_eval is None else int(n_eval)
-            if n_train < 0 or n_eval < 1:
-                raise ValueError(f"need n_train >= 0 and n_eval >= 1, got {n_train}, {n_eval}")
-            self._train, self._eval = generate_questions(self.seed, n_train, n_eval, holdout, n_facts, style)
-
-    def train_examples(self) -> List[Example]:
-        return list(self._train)
-
-    def eval_examples(self) -> List[Example]:
-        return list(self._eval)
-
-    def reward(self, examples: Sequence[Example], completions: Sequence[str]) -> torch.Tensor:
-        if len(examples) != len(completions):
-            raise ValueError(f"got {len(examples)} examples but {len(completions)} completions")
-        return torch.tensor(
-            [grade_choice(c, e.answer, e.meta["choices"]) for e, c in zip(examples, completions)], dtype=torch.float32
+        self._train, self._eval = build_splits(
+            path=path, eval_path=eval_path, load=lambda f: load_sciqa_jsonl(f, style),
+            generate=lambda nt, ne: generate_questions(self.seed, nt, ne, holdout, n_facts, style),
+            n_train=n_train, n_eval=n_eval, num_train=num_train, num_eval=num_eval, seed=self.seed, default_n_eval=200,
         )
+
+    def grade(self, example: Example, completion: str) -> float:
+        return grade_choice(completion, example.answer, example.meta["choices"])
 
     def describe(self) -> Dict[str, object]:
         return {"task": self.name, "seed": self.seed, "holdout": self.holdout, "n_facts": self.n_facts,
