@@ -86,7 +86,7 @@ class AlgoConfig:
 
 @dataclass
 class RolloutConfig:
-    rollout_batch_size: int = _opt(64, "completions sampled per RL step, all processes together "
+    rollout_batch_size: int = _opt(128, "completions sampled per RL step, all processes together "
                                        "(GRPO: prompts x group size)")
     max_new_tokens: int = _opt(6, "generation length cap")
     temperature: float = _opt(1.0, "sampling temperature of the rollouts (log-probs use the same temperature)")
@@ -101,7 +101,7 @@ class RolloutConfig:
 class OptimConfig:
     lr: float = _opt(1e-4, "policy learning rate (RL)")
     critic_lr: float = _opt(3e-4, "value-model learning rate")
-    mini_batch_size: int = _opt(32, "rollouts per optimiser step, all processes together")
+    mini_batch_size: int = _opt(64, "rollouts per optimiser step, all processes together")
     ppo_epochs: int = _opt(2, "passes over each rollout batch")
     grad_accum_steps: int = _opt(1, "micro-batches per mini-batch (gradient accumulation)")
     max_grad_norm: float = _opt(1.0, "gradient clipping (L2 norm, per model)")

@@ -120,6 +120,9 @@ def format_summary(summary: dict) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(levelname)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-shard save/load bars would bury ours
     cfg = parse_config(argv)
     try:
         summary = run_training(cfg)
