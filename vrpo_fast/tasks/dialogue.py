@@ -264,8 +264,10 @@ def ensure_builtin_reward_model(cache_dir: Optional[str] = None, n_pairs: int = 
         if log:
             log(f"training the built-in dialogue reward model (once; cached at {path}) ...")
         prompts, chosen, rejected, _ = preference_pairs(n_pairs, seed=0)
-        _, _, info = train_reward_model(prompts, chosen, rejected, out_dir=path, config=config or RewardModelConfig(),
-                                        log=log, overwrite=False)
+        # first use may come from inside a caller's no_grad/inference block (e.g. evaluation)
+        with torch.inference_mode(False), torch.enable_grad():
+            _, _, info = train_reward_model(prompts, chosen, rejected, out_dir=path,
+                                            config=config or RewardModelConfig(), log=log, overwrite=False)
         if log:
             log(f"reward model trained in {info['wall_time_s']:.1f}s ({info['steps']} steps, "
                 f"train pair accuracy {info['train_accuracy']:.3f})")
