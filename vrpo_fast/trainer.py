@@ -20,6 +20,7 @@ writes files.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -149,6 +150,16 @@ def mean_over_processes(accelerator, values: Dict[str, Any]) -> Dict[str, float]
     return dict(zip(names, local.tolist()))
 
 
+def trainable_parameters(model) -> List[torch.nn.Parameter]:
+    """What the optimiser updates: every parameter, or only the adapters (and value heads) under LoRA."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _lora_kwargs(cfg: TrainConfig) -> Dict[str, Any]:
+    m = cfg.model
+    return dict(r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout, target_modules=m.lora_target_modules)
+
+
 def enable_gradient_checkpointing(model) -> None:
     enable = getattr(model, "activation_checkpointing_enable", None)
     if callable(enable):
@@ -218,7 +229,7 @@ def supervised_warmup(accelerator, policy, tokenizer, examples: Sequence[Example
         return info
     if not any(e.reference for e in examples):
         raise ValueError(f"task {cfg.task.task!r} has no reference completions for the warm-up: pass --warmup-steps 0")
-    optimizer = accelerator.prepare(torch.optim.AdamW(policy.parameters(), lr=o.warmup_lr, weight_decay=0.0))
+    optimizer = accelerator.prepare(torch.optim.AdamW(trainable_parameters(policy), lr=o.warmup_lr, weight_decay=0.0))
     bar = _progress(o.warmup_steps, "warm-up", progress and accelerator.is_main_process)
     for step in range(o.warmup_steps):
         g = torch.Generator().manual_seed(derived_seed(cfg.run.seed, 5, step))
@@ -328,7 +339,17 @@ def _run_training(cfg: TrainConfig, accelerator=None) -> Dict[str, Any]:
     else:
         policy_lm, tokenizer = load_policy(cfg.model.model, attn_implementation=attn, seed=cfg.run.seed,
                                            tiny_hidden_size=cfg.model.tiny_hidden_size,
-                                           tiny_layers=cfg.model.tiny_layers)
+                                           tiny_layers=cfg.model.tiny_layers, gguf_file=cfg.model.gguf_file)
+    use_lora = cfg.model.lora_r > 0  # validate() refused --resume with LoRA: the policy here is fresh
+    if use_lora:
+        from .models.lora import apply_lora, count_parameters
+
+        torch.manual_seed(derived_seed(cfg.run.seed, 6))  # the same adapter init on every process
+        apply_lora(policy_lm, **_lora_kwargs(cfg))
+        if main:
+            counts = count_parameters(policy_lm)
+            print(f"[vrpo_fast] LoRA r={cfg.model.lora_r}: {counts['trainable']:,} of {counts['total']:,} policy "
+                  f"parameters trained", flush=True)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(policy_lm)
     policy = acc.prepare(TokenScorer(policy_lm))  # DDP-wrapped when distributed
@@ -341,12 +362,20 @@ def _run_training(cfg: TrainConfig, accelerator=None) -> Dict[str, Any]:
         warmup = supervised_warmup(acc, policy, tokenizer, train_examples, cfg, show_progress,
                                    probe=lambda: evaluate(acc, policy_lm, tokenizer, reward_fn, probe_examples, cfg,
                                                           temperature=0.0))
+        if use_lora and warmup["warmup_steps"]:
+            from .models.lora import fold_lora_into_base
+
+            # the warmed-up policy becomes the base (= the reference); the adapters restart at zero
+            torch.manual_seed(derived_seed(cfg.run.seed, 6, 1))  # A re-initialised identically everywhere
+            fold_lora_into_base(policy_lm)
         warmup["eval_clean_reward_before"] = evaluate(acc, policy_lm, tokenizer, reward_fn, eval_examples, cfg)
         if r.eval_greedy:
             warmup["eval_greedy_reward_before"] = evaluate(acc, policy_lm, tokenizer, reward_fn, eval_examples, cfg,
                                                            temperature=0.0)
         if main:
-            ckpt.atomic_directory(reference_dir, lambda d: (policy_lm.save_pretrained(d), tokenizer.save_pretrained(d)))
+            saved_lm = _plain_model(policy_lm) if use_lora else policy_lm
+            ckpt.atomic_directory(reference_dir, lambda d: (saved_lm.save_pretrained(d), tokenizer.save_pretrained(d)))
+            del saved_lm
             ckpt.atomic_write_json(os.path.join(run_dir, WARMUP_FILE), warmup)
         acc.wait_for_everyone()
     if main:
@@ -356,21 +385,39 @@ def _run_training(cfg: TrainConfig, accelerator=None) -> Dict[str, Any]:
               flush=True)
 
     # ---- frozen reference (= the warmed-up policy) and critic ---------------------------------
-    if os.path.isdir(reference_dir) and (resume_from is not None or warmup_done):
-        ref_lm = load_causal_lm(reference_dir, attn_implementation=attn, what="reference")
-        ref_lm.requires_grad_(False).eval()
+    if use_lora:
+        # LoRA: the reference shares every weight with the policy; it is the policy with its adapters
+        # switched off (the frozen base = the warmed-up policy), so no second copy is held
+        from .models.lora import adapters_disabled
+
+        ref = TokenScorer(policy_lm)
+        reference_mode = lambda: adapters_disabled(policy_lm)  # noqa: E731
     else:
-        ref_lm = frozen_copy(policy_lm)
-    if acc.mixed_precision in ("bf16", "fp16"):
-        ref_lm.to(torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float16)
-    ref = TokenScorer(ref_lm).to(acc.device)
+        if os.path.isdir(reference_dir) and (resume_from is not None or warmup_done):
+            ref_lm = load_causal_lm(reference_dir, attn_implementation=attn, what="reference")
+            ref_lm.requires_grad_(False).eval()
+        else:
+            ref_lm = frozen_copy(policy_lm)
+        if acc.mixed_precision in ("bf16", "fp16"):
+            ref_lm.to(torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float16)
+        ref = TokenScorer(ref_lm).to(acc.device)
+        reference_mode = contextlib.nullcontext
 
     value_model = None
     if has_critic:
         seed_everything(derived_seed(cfg.run.seed, 4))  # the same fresh heads however we got here
         critic_path = os.path.join(resume_from, "value") if resume_from is not None else cfg.model.critic
-        value_model = build_value_model(policy_lm, algo=a.algo, critic_path=critic_path, latent_dim=a.latent_dim,
-                                        beta=a.beta, aux_input=a.aux_input, attn_implementation=attn)
+        # under LoRA the critic's backbone starts from the policy's plain weights (adapters merged: the
+        # warmed-up policy) and gets adapters of its own; its heads are trained in full
+        source_lm = _plain_model(policy_lm) if use_lora and critic_path is None else policy_lm
+        value_model = build_value_model(source_lm, algo=a.algo,
+                                        critic_path=critic_path, latent_dim=a.latent_dim, beta=a.beta,
+                                        aux_input=a.aux_input, attn_implementation=attn)
+        del source_lm  # the merged copy's body now lives in the critic; drop its LM head
+        if use_lora:
+            from .models.lora import apply_lora
+
+            apply_lora(value_model.backbone, **_lora_kwargs(cfg))
         if cfg.model.gradient_checkpointing:
             value_model.gradient_checkpointing_enable()
 
@@ -380,11 +427,11 @@ def _run_training(cfg: TrainConfig, accelerator=None) -> Dict[str, Any]:
             return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / max(cfg.run.steps, 1)))
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
 
-    policy_opt = torch.optim.AdamW(policy.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    policy_opt = torch.optim.AdamW(trainable_parameters(policy), lr=o.lr, weight_decay=o.weight_decay)
     policy_sched = schedule(policy_opt)
     policy_opt, policy_sched = acc.prepare(policy_opt, policy_sched)
     if has_critic:
-        value_opt = torch.optim.AdamW(value_model.parameters(), lr=o.critic_lr, weight_decay=o.weight_decay)
+        value_opt = torch.optim.AdamW(trainable_parameters(value_model), lr=o.critic_lr, weight_decay=o.weight_decay)
         value_sched = schedule(value_opt)
         value_model, value_opt, value_sched = acc.prepare(value_model, value_opt, value_sched)
     trained = [policy] + ([value_model] if has_critic else [])
@@ -423,8 +470,14 @@ def _run_training(cfg: TrainConfig, accelerator=None) -> Dict[str, Any]:
         }
         path = None
         if main:
-            path = ckpt.save_checkpoint(run_dir, step, policy=acc.unwrap_model(policy).lm, tokenizer=tokenizer,
-                                        value_model=acc.unwrap_model(value_model) if has_critic else None,
+            # under LoRA, merged copies: plain models that --model / --critic load like any other
+            saved_policy = acc.unwrap_model(policy).lm
+            saved_value = acc.unwrap_model(value_model) if has_critic else None
+            if use_lora:
+                saved_policy = _plain_model(saved_policy)
+                saved_value = _plain_model(saved_value) if has_critic else None
+            path = ckpt.save_checkpoint(run_dir, step, policy=saved_policy, tokenizer=tokenizer,
+                                        value_model=saved_value,
                                         trainer_state=state, keep=cfg.run.keep_checkpoints)
         acc.wait_for_everyone()
         return path or os.path.join(run_dir, ckpt.CHECKPOINTS, ckpt.checkpoint_name(step))
@@ -461,7 +514,8 @@ def _run_training(cfg: TrainConfig, accelerator=None) -> Dict[str, Any]:
         # 3. per-token statistics of the rollout under pi_old, pi_ref and the critic
         with torch.no_grad(), acc.autocast():
             old_logprobs, _ = score(policy, rollout, temperature=r.temperature, compute_entropy=False)
-            ref_stats = reference_stats(ref, rollout, temperature=r.temperature)
+            with reference_mode():
+                ref_stats = reference_stats(ref, rollout, temperature=r.temperature)
             if has_critic:
                 value_model.eval()  # V_old from the VIB mean (no sampling noise in the targets)
                 old_values = value_model(rollout.input_ids, rollout.attention_mask,
@@ -608,6 +662,13 @@ def _recent_train_rewards(metrics_path: str, last: int = 10) -> Dict[str, float]
         return {}
     return {f"train_clean_reward_last{len(tail)}": sum(x["clean_reward"] for x in tail) / len(tail),
             f"train_noisy_reward_last{len(tail)}": sum(x["noisy_reward"] for x in tail) / len(tail)}
+
+
+def _plain_model(model):
+    """``model`` with its LoRA adapters merged in and removed (a copy), for saving and for the critic."""
+    from .models.lora import merged_copy
+
+    return merged_copy(model)
 
 
 def _load_tok(path: str):

@@ -96,8 +96,13 @@ def load_tokenizer(path: str):
 
 
 def load_policy(model_path: Optional[str], *, attn_implementation: str = "sdpa", seed: int = 0,
-                tiny_hidden_size: int = 128, tiny_layers: int = 2):
-    """``(model, tokenizer)``: from ``model_path``, or the embedded tiny model when it is None."""
+                tiny_hidden_size: int = 128, tiny_layers: int = 2, gguf_file: Optional[str] = None):
+    """``(model, tokenizer)``: from ``model_path``, or the embedded tiny model when it is None.
+
+    ``model_path`` may be a preset name (``smollm2-135m``), a directory with ``gguf_file`` in it, or a
+    ``.gguf`` file: these load through :mod:`vrpo_fast.models.presets` (from the de-quantised cache,
+    built on first use). A plain Hugging Face directory loads directly.
+    """
     if model_path is None:
         from .tiny import TinyModelConfig, build_char_tokenizer, build_tiny_model
 
@@ -106,10 +111,18 @@ def load_policy(model_path: Optional[str], *, attn_implementation: str = "sdpa",
                                 intermediate_size=2 * tiny_hidden_size)
         model = build_tiny_model(tokenizer, shape, seed=seed, attn_implementation=attn_implementation)
         return model, tokenizer
-    model = load_causal_lm(model_path, attn_implementation=attn_implementation)
-    tokenizer = load_tokenizer(model_path)
-    ensure_pad_token(tokenizer, model)
-    return model, tokenizer
+    from .presets import is_preset, load_model_and_tokenizer, resolve_model_source
+
+    if gguf_file is None and not model_path.endswith(".gguf") and not is_preset(model_path):
+        only_gguf = (os.path.isdir(model_path) and not os.path.isfile(os.path.join(model_path, "config.json"))
+                     and any(f.endswith(".gguf") for f in os.listdir(model_path)))
+        if not only_gguf:  # a Hugging Face directory (or a missing path: load_causal_lm says so)
+            model = load_causal_lm(model_path, attn_implementation=attn_implementation)
+            tokenizer = load_tokenizer(model_path)
+            ensure_pad_token(tokenizer, model)
+            return model, tokenizer
+    source = resolve_model_source(model_path, gguf_file)
+    return load_model_and_tokenizer(source, attn_implementation=attn_implementation)
 
 
 def frozen_copy(model):
