@@ -6,6 +6,11 @@ hidden state and hands it, with the ``lm_head`` weight, to the fused
 computation, it is what ``accelerator.prepare`` wraps in DDP for the policy (gradients are averaged
 across processes) and what scores the frozen reference.
 
+``TokenScorer(lm, fused=False)`` is the plain-PyTorch path instead: the ``lm_head`` makes the full
+[B, T, V] logits and :func:`vrpo_fast.ops.token_logprobs_entropy_reference` takes their fp32
+log_softmax (what most RLHF codebases do). Same outputs; it exists to compare against
+(``benchmarks/bench_train_step.py``).
+
 All outputs are state-aligned (see :mod:`vrpo_fast.rollout`): entry t scores token t + 1.
 """
 from __future__ import annotations
@@ -14,9 +19,10 @@ import inspect
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from vrpo_fast.ops import linear_logprobs_entropy, sequence_perplexity
+from vrpo_fast.ops import linear_logprobs_entropy, sequence_perplexity, token_logprobs_entropy_reference
 
 from .rollout import Rollout, position_ids_from_mask
 
@@ -31,11 +37,18 @@ def next_token_labels(input_ids: torch.Tensor, action_mask: torch.Tensor) -> tor
 
 
 class TokenScorer(nn.Module):
-    """``forward(input_ids, attention_mask, labels) -> (logprobs [B, T], entropy [B, T] or None)``, fp32."""
+    """``forward(input_ids, attention_mask, labels) -> (logprobs [B, T], entropy [B, T] or None)``, fp32.
 
-    def __init__(self, lm: nn.Module):
+    ``fused=True`` (default): the fused linear + log-softmax op, no [B, T, V] logits.
+    ``fused=False``: full logits from the ``lm_head`` + plain fp32 log_softmax (the baseline).
+    """
+
+    def __init__(self, lm: nn.Module, *, fused: bool = True):
         super().__init__()
+        if not isinstance(fused, bool):
+            raise TypeError(f"fused must be a bool, got {type(fused).__name__}")
         self.lm = lm
+        self.fused = fused
         head = lm.get_output_embeddings()
         if head is None or not hasattr(head, "weight"):
             raise ValueError(f"{type(lm).__name__} has no output embedding (lm_head) to score tokens with")
@@ -55,6 +68,10 @@ class TokenScorer(nn.Module):
         # under autocast the body returns low-precision activations while the master weight is fp32:
         # run the head in the activations' dtype, as autocast would run an nn.Linear
         dtype = hidden.dtype if torch.is_autocast_enabled(hidden.device.type) else weight.dtype
+        if not self.fused:
+            logits = F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+            return token_logprobs_entropy_reference(logits, labels, temperature=temperature, ignore_index=IGNORE_INDEX,
+                                                    compute_entropy=compute_entropy)
         return linear_logprobs_entropy(
             hidden.to(dtype), weight.to(dtype), labels, None if bias is None else bias.to(dtype),
             temperature=temperature, ignore_index=IGNORE_INDEX, compute_entropy=compute_entropy,
@@ -92,7 +109,11 @@ def score(scorer: nn.Module, rollout: Rollout, *, temperature: float = 1.0, comp
 
 
 @torch.no_grad()
-def reference_stats(ref_scorer: nn.Module, rollout: Rollout, *, temperature: float = 1.0) -> ReferenceStats:
-    """Frozen-LM log-probs, entropies and sequence perplexities: the VRPO auxiliary targets and the KL anchor."""
-    logprobs, entropy = score(ref_scorer, rollout, temperature=temperature)
+def reference_stats(ref_scorer: nn.Module, rollout: Rollout, *, temperature: float = 1.0,
+                    batch_size: int = 0) -> ReferenceStats:
+    """Frozen-LM log-probs, entropies and sequence perplexities: the VRPO auxiliary targets and the KL anchor.
+
+    ``batch_size`` rows are scored at a time (0: all at once), as in :func:`score`.
+    """
+    logprobs, entropy = score(ref_scorer, rollout, temperature=temperature, batch_size=batch_size)
     return ReferenceStats(logprobs, entropy, sequence_perplexity(logprobs, rollout.action_mask))

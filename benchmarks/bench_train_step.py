@@ -1,0 +1,360 @@
+"""One VRPO training step, phase by phase: fused ops vs the same step with plain-PyTorch ops.
+
+The step is composed from the library's public pieces, as :func:`vrpo_fast.trainer.run_training`
+composes it (one PPO epoch over micro-batches):
+
+    generate      rollout.generate (policy, KV cache, temperature 1)
+    score         pi_old log-probs + pi_ref log-probs / entropy / perplexity      (TokenScorer, no grad)
+    value_old     critic forward, no grad (V_old)
+    gae           token_level_rewards + GAE advantages / returns
+    policy_fb     policy forward + PPO loss + backward                  (micro-batches)
+    value_fb      critic forward + VRPO value loss + backward           (micro-batches)
+    optimizer     grad-norm clipping + AdamW steps of policy and critic
+
+Variants: ``fused`` = ``TokenScorer(lm)`` (fused linear + log-softmax, no [B, T, V] logits) and
+``gae_advantages`` (fused GAE + whitening); ``plain`` = ``TokenScorer(lm, fused=False)`` (full
+logits + fp32 log_softmax) and ``vrpo_fast.ops.gae_reference``. Everything else is shared.
+
+Timing: median per phase over ``--steps`` steps after one warm-up step (CUDA: synchronised around
+every phase; variants one after the other; CPU: both variants in one process, steps interleaved).
+Peak memory: CUDA, ``torch.cuda.max_memory_allocated`` over the timed steps (absolute,
+weights and optimiser states included) and above the models + optimiser states; CPU, the peak extra
+RSS of one full step in a fresh process (after a warm-up step there).
+
+Configs: ``tiny`` (the embedded char-level model), ``small`` (random Llama, vocab 32000, hidden 256,
+2 layers: logits memory matters on CPU), ``0.5b`` (random Llama, hidden 1024, 24 layers, vocab
+151936, 64 x 1024-token responses; meant for CUDA with bf16 autocast).
+
+    python benchmarks/bench_train_step.py --quick
+    python benchmarks/bench_train_step.py --config small
+    python benchmarks/bench_train_step.py --config 0.5b --device cuda
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import cpu_peak_extra_bytes, fmt_bytes, machine, markdown_table  # noqa: E402
+
+from vrpo_fast.algorithms.advantages import gae_advantages, token_level_rewards  # noqa: E402
+from vrpo_fast.algorithms.losses import policy_loss, vrpo_value_loss  # noqa: E402
+from vrpo_fast.models.loading import build_value_model, frozen_copy  # noqa: E402
+from vrpo_fast.ops import gae_reference  # noqa: E402
+from vrpo_fast.rollout import generate  # noqa: E402
+from vrpo_fast.scoring import TokenScorer, reference_stats, score  # noqa: E402
+
+PHASES = ("generate", "score", "value_old", "gae", "policy_fb", "value_fb", "optimizer")
+VARIANTS = ("fused", "plain")
+
+
+@dataclass
+class StepConfig:
+    vocab_size: int  # 0: the embedded char tokenizer's vocabulary
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    batch: int  # rollouts per step
+    new_tokens: int  # max_new_tokens
+    prompt_chars: int  # prompt length in characters (~tokens)
+    micro_batch: int  # rows per forward/backward micro-batch (and per scoring chunk)
+
+
+CONFIGS = {
+    "tiny": StepConfig(0, 128, 2, 4, 4, 256, batch=16, new_tokens=32, prompt_chars=12, micro_batch=16),
+    "small": StepConfig(32000, 256, 2, 4, 4, 512, batch=16, new_tokens=64, prompt_chars=16, micro_batch=16),
+    "0.5b": StepConfig(151936, 1024, 24, 16, 4, 2816, batch=64, new_tokens=1024, prompt_chars=32, micro_batch=8),
+}
+QUICK = {"tiny": dict(batch=8, new_tokens=16), "small": dict(batch=8, new_tokens=32),
+         "0.5b": dict(batch=16, new_tokens=128, micro_batch=8)}
+
+
+# ----------------------------------------------------------------------------------------------
+# models
+# ----------------------------------------------------------------------------------------------
+def build_tokenizer(vocab_size: int):
+    """The embedded char tokenizer, its vocabulary padded with filler tokens up to ``vocab_size``.
+
+    Prompts only use characters; sampled filler ids decode to ``<tN>`` strings.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from vrpo_fast.models.tiny import BOS, CHARACTERS, EOS, PAD, SPECIAL_TOKENS, UNK, build_char_tokenizer
+
+    if vocab_size == 0:
+        return build_char_tokenizer()
+    base = SPECIAL_TOKENS + CHARACTERS
+    if vocab_size < len(base):
+        raise ValueError(f"vocab_size must be >= {len(base)}, got {vocab_size}")
+    vocab = {tok: i for i, tok in enumerate(base)}
+    vocab.update({f"<t{i}>": i for i in range(len(base), vocab_size)})
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    core.pre_tokenizer = pre_tokenizers.FixedLength(length=1)
+    core.decoder = decoders.Fuse()
+    core.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, vocab[BOS])])
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, bos_token=BOS, eos_token=EOS,
+                                   unk_token=UNK, padding_side="left", clean_up_tokenization_spaces=False)
+
+
+def build_policy(cfg: StepConfig, tokenizer, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=max(128, cfg.prompt_chars + cfg.new_tokens + 8),
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True, attn_implementation="sdpa",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        lm = LlamaForCausalLM(llama)
+    gc = lm.generation_config
+    gc.pad_token_id, gc.eos_token_id, gc.bos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id, \
+        tokenizer.bos_token_id
+    return lm
+
+
+def make_prompts(n: int, chars: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    alphabet = "0123456789+-*= abcdefghij"
+    idx = torch.randint(len(alphabet), (n, chars), generator=g).tolist()
+    return ["".join(alphabet[i] for i in row) for row in idx]
+
+
+class TrainStep:
+    """Models, optimisers and one instrumented RL step for one variant."""
+
+    def __init__(self, cfg: StepConfig, variant: str, device: str, seed: int = 0):
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        self.cfg, self.variant, self.device = cfg, variant, torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.tokenizer = build_tokenizer(cfg.vocab_size)
+        policy_lm = build_policy(cfg, self.tokenizer, seed)
+        ref_lm = frozen_copy(policy_lm)
+        torch.manual_seed(seed + 1)
+        value_model = build_value_model(policy_lm, algo="vrpo")
+        if self.cuda:
+            ref_lm.to(torch.bfloat16)  # as the trainer does under bf16 mixed precision
+        fused = variant == "fused"
+        self.policy_lm = policy_lm.to(self.device)
+        self.policy = TokenScorer(self.policy_lm, fused=fused)
+        self.ref = TokenScorer(ref_lm, fused=fused).to(self.device)
+        self.value_model = value_model.to(self.device)
+        self.policy_opt = torch.optim.AdamW(self.policy.parameters(), lr=1e-6, weight_decay=0.0)
+        self.value_opt = torch.optim.AdamW(self.value_model.parameters(), lr=1e-6, weight_decay=0.0)
+        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if self.cuda else nullcontext
+        self.seed = seed
+
+    def _sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def run(self, step: int):
+        """One step; returns ``({phase: seconds}, tokens in the rollout)``."""
+        c, times = self.cfg, {}
+        mark = [time.perf_counter()]
+
+        def lap(name):
+            self._sync()
+            now = time.perf_counter()
+            times[name] = times.get(name, 0.0) + now - mark[0]
+            mark[0] = now
+
+        # both variants sample the same rollouts at the same step (their weights are equal at step 0)
+        torch.manual_seed(self.seed * 1000 + step)
+        prompts = make_prompts(c.batch, c.prompt_chars, self.seed * 1000 + step)
+        self._sync()
+        mark[0] = time.perf_counter()
+        with self.autocast():
+            rollout = generate(self.policy_lm, self.tokenizer, prompts, max_new_tokens=c.new_tokens,
+                               temperature=1.0, device=self.device)
+        mask = rollout.action_mask
+        lap("generate")
+
+        with torch.no_grad(), self.autocast():
+            old_logprobs, _ = score(self.policy, rollout, compute_entropy=False, batch_size=c.micro_batch)
+            ref_stats = reference_stats(self.ref, rollout, batch_size=c.micro_batch)
+        lap("score")
+        with torch.no_grad(), self.autocast():
+            self.value_model.eval()
+            old_values = torch.cat([self.value_model(rollout.input_ids[i:i + c.micro_batch],
+                                                     rollout.attention_mask[i:i + c.micro_batch],
+                                                     response_mask=rollout.response_mask[i:i + c.micro_batch]).values
+                                    for i in range(0, c.batch, c.micro_batch)])
+            self.value_model.train()
+        lap("value_old")
+
+        reward = torch.rand(c.batch, generator=torch.Generator().manual_seed(step)).to(self.device)
+        token_rewards = token_level_rewards(reward, mask, old_logprobs, ref_stats.logprobs, kl_coef=0.05)
+        if self.variant == "fused":
+            advantages, returns = gae_advantages(token_rewards, old_values, mask, gamma=1.0, lam=0.95, whiten=True)
+        else:
+            advantages, returns = gae_reference(token_rewards, old_values, mask != 0, gamma=1.0, lam=0.95,
+                                                whiten=True)
+            advantages, returns = advantages.float(), returns.float()
+        lap("gae")
+
+        for i in range(0, c.batch, c.micro_batch):
+            rows = torch.arange(i, min(i + c.micro_batch, c.batch), device=self.device)
+            mb, m = rollout.select(rows), mask[rows]
+            with self.autocast():
+                logprobs, entropy = score(self.policy, mb)
+                loss_p, _ = policy_loss(logprobs, old_logprobs[rows], advantages[rows], m, clip=0.2,
+                                        entropy=entropy, entropy_coef=0.001)
+            loss_p.backward()
+            lap("policy_fb")
+            with self.autocast():
+                out = self.value_model(mb.input_ids, mb.attention_mask, response_mask=mb.response_mask)
+                loss_v, _ = vrpo_value_loss(out.values, old_values[rows], returns[rows], m, kl=out.kl,
+                                            ent_pred=out.ent_pred, ent_target=ref_stats.entropy[rows],
+                                            nll_pred=out.nll_pred, nll_target=ref_stats.nll[rows])
+            loss_v.backward()
+            lap("value_fb")
+
+        torch.nn.utils.clip_grad_norm_(self.policy.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(self.value_model.parameters(), 1.0)
+        self.policy_opt.step()
+        self.value_opt.step()
+        self.policy_opt.zero_grad(set_to_none=True)
+        self.value_opt.zero_grad(set_to_none=True)
+        lap("optimizer")
+        return times, int(rollout.attention_mask.sum())
+
+
+def make_cpu_step(cfg_dict: dict, variant: str, threads: int):
+    """Module-level (picklable) builder for ``cpu_peak_extra_bytes``: warm-up step, then one step."""
+    torch.set_num_threads(threads)
+    bench = TrainStep(StepConfig(**cfg_dict), variant, "cpu")
+    bench.run(0)  # optimiser states exist before the measurement, as in a long run
+    return lambda: bench.run(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# driver
+# ----------------------------------------------------------------------------------------------
+def _summary(bench, runs):
+    per_phase = {p: [t.get(p, 0.0) for t, _ in runs] for p in PHASES}
+    totals = [sum(t.values()) for t, _ in runs]
+    tokens = [n for _, n in runs]
+    return {"phases": {p: statistics.median(v) * 1e3 for p, v in per_phase.items()},
+            "total_ms": statistics.median(totals) * 1e3,
+            "tokens_per_s": statistics.median([n / t for n, t in zip(tokens, totals)]),
+            "tokens": statistics.median(tokens),
+            "params": sum(p.numel() for p in bench.policy_lm.parameters())}
+
+
+def measure_cuda(cfg: StepConfig, variant: str, device: str, steps: int):
+    """One variant at a time, so that each has the allocator (and its peak statistics) to itself."""
+    bench = TrainStep(cfg, variant, device)
+    bench.run(0)  # warm-up: kernels compiled / autotuned, optimiser states allocated
+    torch.cuda.synchronize()
+    resident = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = _summary(bench, [bench.run(s) for s in range(1, steps + 1)])
+    torch.cuda.synchronize()
+    out["peak"] = torch.cuda.max_memory_allocated()
+    out["peak_extra"] = out["peak"] - resident
+    del bench
+    torch.cuda.empty_cache()
+    return out
+
+
+def measure_cpu(cfg: StepConfig, steps: int):
+    """Both variants in one process, steps interleaved, so that load from other processes hits both alike."""
+    benches = {v: TrainStep(cfg, v, "cpu") for v in VARIANTS}
+    for b in benches.values():
+        b.run(0)
+    runs = {v: [] for v in VARIANTS}
+    for s in range(1, steps + 1):
+        for v in VARIANTS:
+            runs[v].append(benches[v].run(s))
+    return {v: _summary(benches[v], runs[v]) for v in VARIANTS}
+
+
+def _saving(fused: float, plain: float) -> str:
+    if plain <= 0 or fused <= 0:
+        return "-"
+    return f"fused {(1 - fused / plain) * 100:.0f}% less" if fused <= plain else f"fused {fused / plain:.2f}x more"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="fewer rollouts, shorter responses, 2 timed steps")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps after the warm-up (default 3; quick 2)")
+    ap.add_argument("--batch", type=int, default=None, help="override: rollouts per step")
+    ap.add_argument("--new-tokens", type=int, default=None, help="override: max new tokens")
+    ap.add_argument("--micro-batch", type=int, default=None, help="override: rows per forward/backward")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    ap.add_argument("--no-memory", action="store_true", help="CPU: skip the fresh-process peak-memory runs")
+    args = ap.parse_args(argv)
+
+    cfg = CONFIGS[args.config]
+    if args.quick:
+        cfg = dataclasses.replace(cfg, **QUICK[args.config])
+    overrides = {"batch": args.batch, "new_tokens": args.new_tokens, "micro_batch": args.micro_batch}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    cfg = dataclasses.replace(cfg, micro_batch=min(cfg.micro_batch, cfg.batch))
+    steps = args.steps or (2 if args.quick else 3)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but CUDA is not available")
+
+    if device.type == "cuda":
+        results = {v: measure_cuda(cfg, v, args.device, steps) for v in VARIANTS}
+    else:
+        results = measure_cpu(cfg, steps)
+    if device.type == "cpu" and not args.no_memory:
+        for v in VARIANTS:
+            results[v]["peak_extra"] = cpu_peak_extra_bytes(make_cpu_step, dataclasses.asdict(cfg), v,
+                                                            torch.get_num_threads())
+
+    vocab = cfg.vocab_size or len(build_tokenizer(0))
+    n_params = results["fused"]["params"]
+    print(f"## One VRPO training step: fused vs plain-PyTorch ops ({args.config})\n")
+    print(f"machine: {machine()}")
+    print(f"device: {args.device}" + (" (bf16 autocast, fp32 master weights, bf16 reference)"
+                                       if device.type == "cuda" else " (fp32)"))
+    print(f"model: random Llama, vocab {vocab}, hidden {cfg.hidden_size}, {cfg.num_layers} layers, "
+          f"{cfg.num_heads}/{cfg.num_kv_heads} heads, mlp {cfg.intermediate_size}"
+          f", {n_params / 1e6:.2f}M params (tied embeddings)")
+    print(f"step: {cfg.batch} rollouts x <= {cfg.new_tokens} new tokens (prompt ~{cfg.prompt_chars + 1} tokens), "
+          f"micro-batch {cfg.micro_batch}, 1 PPO epoch; median of {steps} steps after 1 warm-up step; "
+          f"{results['fused']['tokens']:.0f} tokens/step\n")
+    rows = []
+    for p in PHASES:
+        f, q = results["fused"]["phases"][p], results["plain"]["phases"][p]
+        rows.append([p, f"{f:.1f}", f"{q:.1f}", f"{q / f:.2f}x" if f > 0 else "-"])
+    f, q = results["fused"]["total_ms"], results["plain"]["total_ms"]
+    rows.append(["**step**", f"**{f:.1f}**", f"**{q:.1f}**", f"**{q / f:.2f}x**"])
+    rows.append(["tokens/s", f"{results['fused']['tokens_per_s']:.0f}", f"{results['plain']['tokens_per_s']:.0f}",
+                 f"{results['fused']['tokens_per_s'] / results['plain']['tokens_per_s']:.2f}x"])
+    if "peak_extra" in results["fused"]:
+        f, q = results["fused"]["peak_extra"], results["plain"]["peak_extra"]
+        label = "peak memory above models + optimiser" if device.type == "cuda" else "peak extra RSS (1 step)"
+        rows.append([label, fmt_bytes(f), fmt_bytes(q), _saving(f, q)])
+    if "peak" in results["fused"]:
+        f, q = results["fused"]["peak"], results["plain"]["peak"]
+        rows.append(["peak memory allocated (total)", fmt_bytes(f), fmt_bytes(q), _saving(f, q)])
+    print(markdown_table(["phase (ms)", "fused", "plain", "plain / fused"], rows))
+    return results
+
+
+if __name__ == "__main__":
+    main()
