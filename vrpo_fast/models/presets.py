@@ -29,9 +29,10 @@ from typing import Dict, Optional
 
 import torch
 
+from ..cache import CACHE_ENV, cache_root  # re-exported
+
 logger = logging.getLogger("vrpo_fast")
 
-CACHE_ENV = "VRPO_FAST_CACHE"
 # bump when the layout of a cached directory changes: older caches are then rebuilt
 CACHE_FORMAT = 1
 _MARKER = "vrpo_fast_source.json"
@@ -169,10 +170,6 @@ def as_model_source(model, gguf_file: Optional[str] = None) -> ModelSource:
 # ---------------------------------------------------------------------------------------------------
 # the de-quantised cache
 # ---------------------------------------------------------------------------------------------------
-def cache_root() -> str:
-    return os.path.abspath(os.path.expanduser(os.environ.get(CACHE_ENV) or os.path.join("~", ".cache", "vrpo_fast")))
-
-
 def _fingerprint(path: str, span: int = 1 << 20) -> str:
     """SHA-1 of the first and last MiB and the size: cheap (no full read of a large file), and it
     changes with the header (architecture, tensor names and quantisation types) and the tail."""

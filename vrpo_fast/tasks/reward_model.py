@@ -29,17 +29,10 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..cache import cache_root  # re-exported: built-in reward models live under it
+
 PAD, UNK, BOS, SEP, EOS = "<pad>", "<unk>", "<bos>", "<sep>", "<eos>"
 _CHARS = tuple(c for c in string.printable if c not in "\x0b\x0c")
-
-
-def cache_root() -> str:
-    """Cache directory for built-in artefacts: ``$VRPO_FAST_CACHE`` or ``~/.cache/vrpo_fast``."""
-    root = os.environ.get("VRPO_FAST_CACHE")
-    if not root:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        root = os.path.join(base, "vrpo_fast")
-    return root
 
 
 def build_reward_tokenizer():
