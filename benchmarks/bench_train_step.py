@@ -68,15 +68,20 @@ class StepConfig:
     new_tokens: int  # max_new_tokens
     prompt_chars: int  # prompt length in characters (~tokens)
     micro_batch: int  # rows per forward/backward micro-batch (and per scoring chunk)
+    preset: str = ""  # a real pretrained model (vrpo_fast.models.presets) instead of a random Llama
 
 
 CONFIGS = {
     "tiny": StepConfig(0, 128, 2, 4, 4, 256, batch=16, new_tokens=32, prompt_chars=12, micro_batch=16),
     "small": StepConfig(32000, 256, 2, 4, 4, 512, batch=16, new_tokens=64, prompt_chars=16, micro_batch=16),
     "0.5b": StepConfig(151936, 1024, 24, 16, 4, 2816, batch=64, new_tokens=1024, prompt_chars=32, micro_batch=8),
+    # SmolLM2-135M-Instruct from the smollm2 extra (shape fields are read from the loaded model)
+    "smollm2": StepConfig(49152, 576, 30, 9, 3, 1536, batch=8, new_tokens=64, prompt_chars=32, micro_batch=8,
+                          preset="smollm2-135m"),
 }
 QUICK = {"tiny": dict(batch=8, new_tokens=16), "small": dict(batch=8, new_tokens=32),
-         "0.5b": dict(batch=16, new_tokens=128, micro_batch=8)}
+         "0.5b": dict(batch=16, new_tokens=128, micro_batch=8),
+         "smollm2": dict(batch=4, new_tokens=16, micro_batch=4)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,8 +146,13 @@ class TrainStep:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         self.cfg, self.variant, self.device = cfg, variant, torch.device(device)
         self.cuda = self.device.type == "cuda"
-        self.tokenizer = build_tokenizer(cfg.vocab_size)
-        policy_lm = build_policy(cfg, self.tokenizer, seed)
+        if cfg.preset:
+            from vrpo_fast.models.presets import load_model_and_tokenizer
+
+            policy_lm, self.tokenizer = load_model_and_tokenizer(cfg.preset)
+        else:
+            self.tokenizer = build_tokenizer(cfg.vocab_size)
+            policy_lm = build_policy(cfg, self.tokenizer, seed)
         ref_lm = frozen_copy(policy_lm)
         torch.manual_seed(seed + 1)
         value_model = build_value_model(policy_lm, algo="vrpo")
@@ -331,7 +341,8 @@ def main(argv=None):
     print(f"machine: {machine()}")
     print(f"device: {args.device}" + (" (bf16 autocast, fp32 master weights, bf16 reference)"
                                        if device.type == "cuda" else " (fp32)"))
-    print(f"model: random Llama, vocab {vocab}, hidden {cfg.hidden_size}, {cfg.num_layers} layers, "
+    kind = f"{cfg.preset} (pretrained)" if cfg.preset else "random Llama"
+    print(f"model: {kind}, vocab {vocab}, hidden {cfg.hidden_size}, {cfg.num_layers} layers, "
           f"{cfg.num_heads}/{cfg.num_kv_heads} heads, mlp {cfg.intermediate_size}"
           f", {n_params / 1e6:.2f}M params (tied embeddings)")
     print(f"step: {cfg.batch} rollouts x <= {cfg.new_tokens} new tokens (prompt ~{cfg.prompt_chars + 1} tokens), "
