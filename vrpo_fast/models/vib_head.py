@@ -23,6 +23,15 @@ class VIBHeadOutput(NamedTuple):
     kl: torch.Tensor  # scalar fp32: mean of kl_per_token over the mask (0 if nothing is unmasked)
 
 
+def _prepare_inputs(hidden, mask, layer: nn.Linear) -> torch.Tensor:
+    """Validate ``hidden``/``mask`` for a head whose first layer is ``layer``; return ``hidden`` in the
+    layer's dtype (left as is under autocast, which does the casting itself)."""
+    _check_inputs(hidden, mask, layer.in_features)
+    if hidden.dtype != layer.weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
+        hidden = hidden.to(layer.weight.dtype)
+    return hidden
+
+
 def _check_inputs(hidden, mask, hidden_size: int):
     if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
         got = hidden.dtype if isinstance(hidden, torch.Tensor) else type(hidden).__name__
@@ -122,9 +131,7 @@ class VIBValueHead(nn.Module):
         self, hidden: torch.Tensor, mask: Optional[torch.Tensor] = None, seed: Optional[int] = None
     ) -> VIBHeadOutput:
         """``hidden [..., H]``, ``mask [...]`` (bool/int/float; None = all tokens), ``seed`` for eps."""
-        _check_inputs(hidden, mask, self.hidden_size)
-        if hidden.dtype != self.encoder.weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
-            hidden = hidden.to(self.encoder.weight.dtype)
+        hidden = _prepare_inputs(hidden, mask, self.encoder)
         stats = self.encoder(hidden)
         mu, logvar = stats[..., : self.latent_dim], stats[..., self.latent_dim :]
         z, kl_per_token = vib_sample_kl(
@@ -163,9 +170,7 @@ class ScalarValueHead(nn.Module):
         self, hidden: torch.Tensor, mask: Optional[torch.Tensor] = None, seed: Optional[int] = None
     ) -> VIBHeadOutput:
         """``seed`` is accepted for interface parity and ignored (nothing is sampled)."""
-        _check_inputs(hidden, mask, self.hidden_size)
-        if hidden.dtype != self.value.weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
-            hidden = hidden.to(self.value.weight.dtype)
+        hidden = _prepare_inputs(hidden, mask, self.value)
         values = self.value(hidden).squeeze(-1).float()
         zeros = torch.zeros(values.shape, dtype=torch.float32, device=values.device)
         return VIBHeadOutput(values, None, zeros, zeros.new_zeros(()))
