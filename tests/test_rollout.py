@@ -71,7 +71,7 @@ def test_generate_masks_and_alignment(tok, model):
         ids = roll.input_ids[i, P:P + n].tolist()
         assert tok.eos_token_id not in ids[:-1]  # EOS, if any, is the last response token
         assert (roll.input_ids[i, P + n:] == tok.pad_token_id).all()
-        text = tok.decode([t for t in ids if t != tok.eos_token_id])
+        text = tok.decode(ids, skip_special_tokens=True)  # specials (EOS, a sampled <bos>) are dropped
         assert roll.completions[i] == text
     # state-aligned mask: position t scores token t + 1
     assert torch.equal(roll.action_mask, shift_left(roll.response_mask))
@@ -114,3 +114,41 @@ def test_reference_stats_perplexity(tok, model):
     want = torch.exp((stats.nll * m).sum(-1) / m.sum(-1))
     torch.testing.assert_close(stats.perplexity, want)
     assert (stats.entropy[roll.action_mask] > 0).all()
+
+
+def test_keyed_sampling_ignores_batch_composition_and_padding(tok, model):
+    """Completion i depends on (prompt, seed, key) only: the data-parallel equivalence rests on this."""
+    prompts = ["1+2=", "31+40=", "7+7=", "123+4="]
+    keys = torch.tensor([10, 11, 12, 13])
+    whole = generate(model, tok, prompts, max_new_tokens=6, temperature=0.9, seed=5, row_keys=keys)
+    first = generate(model, tok, prompts[:2], max_new_tokens=6, temperature=0.9, seed=5, row_keys=keys[:2])
+    second = generate(model, tok, prompts[2:][::-1], max_new_tokens=6, temperature=0.9, seed=5,
+                      row_keys=keys[2:].flip(0))
+    assert first.completions + second.completions[::-1] == whole.completions
+    other_seed = generate(model, tok, prompts, max_new_tokens=6, temperature=0.9, seed=6, row_keys=keys)
+    other_keys = generate(model, tok, prompts, max_new_tokens=6, temperature=0.9, seed=5, row_keys=keys + 4)
+    assert other_seed.completions != whole.completions and other_keys.completions != whole.completions
+
+
+def test_keyed_sampler_samples_softmax_over_temperature():
+    """Gumbel-max with keyed noise: token frequencies match softmax(logits / T) (chi-square-sized tolerance)."""
+    from vrpo_fast.rollout import KeyedSampler
+
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0, -30.0]])
+    n, T = 40000, 1.7
+    sampler = KeyedSampler(3, torch.arange(n), prompt_length=4, temperature=T)
+    picks = sampler(torch.zeros(n, 6, dtype=torch.long), logits.expand(n, -1)).argmax(-1)
+    freq = torch.bincount(picks, minlength=5).double() / n
+    p = torch.softmax(logits[0].double() / T, 0)
+    assert torch.allclose(freq, p, atol=4 * (p * (1 - p) / n).sqrt().max().item() + 1e-9)
+    assert freq[4] == 0
+    # the position is part of the key: the next token's noise is fresh
+    nxt = sampler(torch.zeros(n, 7, dtype=torch.long), logits.expand(n, -1)).argmax(-1)
+    assert (nxt != picks).float().mean() > 0.3
+
+
+def test_generate_rejects_bad_row_keys(tok, model):
+    with pytest.raises(ValueError, match="row_keys"):
+        generate(model, tok, ["1+2="], max_new_tokens=2, row_keys=torch.tensor([0.5]))
+    with pytest.raises(ValueError, match="row_keys"):
+        generate(model, tok, ["1+2=", "3+4="], max_new_tokens=2, row_keys=torch.tensor([1]))

@@ -102,26 +102,69 @@ def completion_mask(completion_ids: torch.Tensor, eos_ids: Sequence[int]) -> tor
     return eos_before == 0
 
 
+class KeyedSampler:
+    """Temperature sampling by the Gumbel-max trick with keyed noise (a ``transformers`` logits processor).
+
+    Token ``n`` of row ``i`` is ``argmax_v(logits[i, v] / T + g(seed, keys[i], n, v))`` with ``g`` a
+    standard Gumbel from :func:`vrpo_fast.ops._random.keyed_gumbel`: an exact sample from
+    ``softmax(logits / T)``, and a pure function of the row's key, not of the other rows in the batch,
+    their padding, or the process the row is on. That is what lets a data-parallel run sample exactly
+    the tokens of a single-process run with the same global batch. Used with greedy decoding
+    (``do_sample=False``), which then takes the argmax of what this returns.
+    """
+
+    def __init__(self, seed: int, keys: torch.Tensor, prompt_length: int, temperature: float):
+        if not temperature > 0:
+            raise ValueError(f"KeyedSampler needs temperature > 0, got {temperature}")
+        self.seed, self.keys, self.prompt_length, self.temperature = int(seed), keys.view(-1, 1), prompt_length, temperature
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        from vrpo_fast.ops._random import keyed_gumbel
+
+        if input_ids.shape[0] != self.keys.shape[0]:
+            raise ValueError(f"KeyedSampler got {input_ids.shape[0]} rows but {self.keys.shape[0]} keys")
+        position = input_ids.shape[1] - self.prompt_length  # the index of the token being sampled
+        vocab = torch.arange(scores.shape[-1], device=scores.device)
+        noise = keyed_gumbel(self.seed, self.keys.to(scores.device), position, vocab[None, :])
+        return scores.float() / self.temperature + noise
+
+
+def _check_keys(row_keys, n: int) -> torch.Tensor:
+    if row_keys is None:
+        return torch.arange(n)
+    keys = torch.as_tensor(row_keys)
+    if keys.dtype not in (torch.int32, torch.int64) or keys.shape != (n,):
+        raise ValueError(f"row_keys must be an int tensor of shape ({n},) (one key per prompt), got "
+                         f"{keys.dtype} of shape {tuple(keys.shape)}")
+    return keys.long()
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, temperature: float = 1.0,
-             device=None) -> Rollout:
+             device=None, seed: Optional[int] = None, row_keys=None) -> Rollout:
     """Sample one completion per prompt (``temperature == 0``: greedy) with the KV cache.
 
     Pure temperature sampling (no top-k / top-p / repetition penalty from the model's generation
     config), so that the sampling distribution is exactly the one the log-probs are computed from.
+    Sampling is keyed (:class:`KeyedSampler`): completion ``i`` depends only on its prompt, ``seed``
+    and ``row_keys[i]`` (default ``0..B-1``; ``seed`` None draws one from torch's default generator,
+    so ``torch.manual_seed`` controls it), however the prompts are batched or sharded.
     """
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, LogitsProcessorList
 
     device = device if device is not None else next(model.parameters()).device
+    keys = _check_keys(row_keys, len(prompts))
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
     eos_ids = eos_token_ids(tokenizer, model)
-    do_sample = temperature > 0
+    prompt_length = prompt_ids.shape[1]
+    processors = LogitsProcessorList()
+    if temperature > 0:
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
+        processors.append(KeyedSampler(seed, keys, prompt_length, temperature))
     gen_config = GenerationConfig(
         max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        temperature=temperature if do_sample else None,
-        top_k=0 if do_sample else None,
-        top_p=1.0 if do_sample else None,
+        do_sample=False,  # greedy over the (Gumbel-perturbed, when sampling) scores
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=eos_ids,
         use_cache=True,
@@ -129,10 +172,10 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, t
     was_training = model.training
     model.eval()
     try:
-        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_config)
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_config,
+                             logits_processor=processors)
     finally:
         model.train(was_training)
-    prompt_length = prompt_ids.shape[1]
     completion_ids = out[:, prompt_length:]
     comp_mask = completion_mask(completion_ids, eos_ids)
     # tokens after the first EOS become padding in the stored sequence

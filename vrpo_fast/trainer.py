@@ -15,8 +15,11 @@ Read :func:`run_training` top to bottom; it is the algorithm:
 
 ``accelerate`` places models, runs autocast, accumulates gradients and wraps the trained modules
 in DDP, so ``accelerate launch -m vrpo_fast.train`` trains data-parallel with no change: every
-process samples its own shard of the step's prompts, metrics are gathered, only the main process
-writes files.
+process samples and scores its own shard of the step's prompts, the shards are gathered
+(:mod:`vrpo_fast.distributed`) so that noise, advantages and mini-batches are those of the global
+batch, each process trains on its slice of every mini-batch, and only the main process writes
+files. Sampling and the VIB noise are keyed by global row, and losses are token means over the whole
+mini-batch, so N processes match one process with the same global batch up to rounding.
 """
 from __future__ import annotations
 
@@ -42,8 +45,9 @@ from .config import TrainConfig
 from .metrics import MetricsWriter, plot_curves
 from .models.loading import build_value_model, ensure_pad_token, frozen_copy, load_causal_lm, load_policy, \
     resolve_attn_implementation
+from .distributed import gather_objects, gather_rollout
 from .rollout import Rollout, generate
-from .scoring import TokenScorer, reference_stats, score
+from .scoring import ReferenceStats, TokenScorer, reference_stats, score
 
 logger = logging.getLogger("vrpo_fast")
 
@@ -129,6 +133,23 @@ def shard(items: Sequence, rank: int, world: int) -> list:
     return list(items[rank * n:(rank + 1) * n])
 
 
+def global_token_weight(accelerator, mask: torch.Tensor, total: Optional[torch.Tensor] = None,
+                        accumulation_steps: int = 1) -> torch.Tensor:
+    """Factor that turns this process's masked token mean into its share of the GLOBAL token mean.
+
+    DDP averages gradients over the processes and ``accelerator.backward`` divides by the
+    accumulation steps, so a mean of per-micro-batch means would weigh a token by how full its
+    micro-batch is. Scaling each micro-batch's mean by ``n_local * processes * accumulation / total``
+    (``total``: the tokens of the whole mini-batch, summed over processes when not given) makes the
+    update the token mean over the mini-batch, however it is split: what makes an N-process run match
+    a single-process run with the same global batch.
+    """
+    n_local = mask.sum().to(torch.float64)
+    if total is None:
+        total = accelerator.reduce(n_local.clone(), reduction="sum") if accelerator.num_processes > 1 else n_local
+    return (n_local * (accelerator.num_processes * accumulation_steps) / total.clamp_min(1)).float()
+
+
 def check_finite(losses: Dict[str, torch.Tensor], step: int, accelerator, last_checkpoint: Optional[str]) -> None:
     bad = {name: float(v.detach()) for name, v in losses.items() if not torch.isfinite(v.detach()).all()}
     if accelerator.num_processes > 1:
@@ -182,13 +203,17 @@ def evaluate(accelerator, lm, tokenizer, reward_fn, examples: Sequence[Example],
     temperature = r.eval_temperature if temperature is None else temperature
     samples = 1 if temperature == 0 else (r.eval_samples if samples is None else samples)
     seed_everything(derived_seed(cfg.run.seed, 11, accelerator.process_index))
-    mine = [e for e in list(examples)[accelerator.process_index::accelerator.num_processes] for _ in range(samples)]
+    # sample s of prompt i is keyed by (i, s): the same completions however the prompts are sharded
+    mine = [(i, s) for i in range(len(examples))[accelerator.process_index::accelerator.num_processes]
+            for s in range(samples)]
     rewards = []
-    for i in range(0, len(mine), r.eval_batch_size):
-        batch = mine[i:i + r.eval_batch_size]
+    for start in range(0, len(mine), r.eval_batch_size):
+        rows = mine[start:start + r.eval_batch_size]
+        batch = [examples[i] for i, _ in rows]
         with accelerator.autocast():
             roll = generate(lm, tokenizer, [e.prompt for e in batch], max_new_tokens=r.max_new_tokens,
-                            temperature=temperature, device=accelerator.device)
+                            temperature=temperature, device=accelerator.device, seed=derived_seed(cfg.run.seed, 11),
+                            row_keys=torch.tensor([i * samples + s for i, s in rows]))
         rewards.append(reward_fn(batch, roll.completions).float())
     local = torch.cat(rewards) if rewards else torch.zeros(0)
     total = accelerator.reduce(torch.tensor([local.sum().item(), float(len(local))], device=accelerator.device),
@@ -236,16 +261,19 @@ def supervised_warmup(accelerator, policy, tokenizer, examples: Sequence[Example
         idx = torch.randint(len(examples), (o.warmup_batch_size,), generator=g).tolist()
         mine = shard(idx, accelerator.process_index, accelerator.num_processes)
         batch = supervised_batch(tokenizer, [examples[i] for i in mine], accelerator.device)
+        # the mean NLL over every process's tokens (not the mean of the per-process means)
+        weight = global_token_weight(accelerator, batch.action_mask)
         with accelerator.autocast():
             logprobs, _ = score(policy, batch, compute_entropy=False)
-            loss = -masked_mean(logprobs, batch.action_mask)
+            loss = -masked_mean(logprobs, batch.action_mask) * weight
         if not torch.isfinite(loss):
             raise NonFiniteLossError("warm-up (supervised)", step + 1, loss.item())
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(policy.parameters(), o.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        info["warmup_steps"], info["warmup_final_nll"] = step + 1, loss.item()
+        info["warmup_steps"] = step + 1
+        info["warmup_final_nll"] = mean_over_processes(accelerator, {"nll": loss.detach()})["nll"]
         if bar is not None:
             bar.update(1)
             bar.set_postfix(nll=f"{info['warmup_final_nll']:.3f}", probe=f"{info['warmup_probe_reward']:.2f}")
@@ -324,7 +352,7 @@ def _run_training(cfg: TrainConfig, accelerator=None) -> Dict[str, Any]:
         raise ValueError(f"task {cfg.task.task!r} has an empty train or eval split")
     reward_fn = make_reward_fn(cfg, task)
     noise = make_noise(cfg.task.noise_type, rate=cfg.task.noise_rate, std=cfg.task.noise_std,
-                       seed=derived_seed(cfg.run.seed, 3, rank), **cfg.task.noise_kwargs)
+                       seed=derived_seed(cfg.run.seed, 3), **cfg.task.noise_kwargs)
 
     # ---- policy: from the latest checkpoint, from the saved warm-up, or fresh + warm-up ---------
     resume_from = ckpt.latest_checkpoint(run_dir) if cfg.run.resume else None
@@ -447,7 +475,7 @@ def _run_training(cfg: TrainConfig, accelerator=None) -> Dict[str, Any]:
             value_sched.load_state_dict(state["value_scheduler"])
         if acc.scaler is not None and state.get("scaler") is not None:
             acc.scaler.load_state_dict(state["scaler"])
-        noise.load_state_dict(state["noise"][rank])
+        noise.load_state_dict(state["noise"])
         ckpt.set_rng_state(state["rng"][rank])
         if main:
             print(f"[vrpo_fast] resumed from {resume_from} at step {start_step}", flush=True)
@@ -464,8 +492,8 @@ def _run_training(cfg: TrainConfig, accelerator=None) -> Dict[str, Any]:
             "policy_scheduler": policy_sched.state_dict(),
             "value_optimizer": value_opt.state_dict() if has_critic else None,
             "value_scheduler": value_sched.state_dict() if has_critic else None,
-            "noise": _gather_objects(acc, noise.state_dict()),
-            "rng": _gather_objects(acc, ckpt.rng_state()),
+            "noise": noise.state_dict(),  # the same on every process (it acts on the global batch)
+            "rng": gather_objects(acc, [ckpt.rng_state()]),  # one per process
             "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
         }
         path = None
@@ -498,29 +526,38 @@ def _run_training(cfg: TrainConfig, accelerator=None) -> Dict[str, Any]:
         # uninterrupted one did, whatever happened before (evaluation, a restart)
         seed_everything(derived_seed(cfg.run.seed, 2, step, rank))
 
-        # 1. rollouts: this process's prompts, G samples each
+        # 1. rollouts: this process's shard of the step's prompts, G samples each. Sampling is keyed by
+        # the global row, so a row's tokens do not depend on which process generated it
         idx = shard(prompts_for_step(len(train_examples), step, prompts_per_step, cfg.run.seed), rank, world)
         examples = [train_examples[i] for i in idx for _ in range(G)]
+        first_row = rank * local_rollouts
         with acc.autocast():
             rollout = generate(policy_lm, tokenizer, [e.prompt for e in examples], max_new_tokens=r.max_new_tokens,
-                               temperature=r.temperature, device=acc.device)
-        mask = rollout.action_mask
+                               temperature=r.temperature, device=acc.device, seed=derived_seed(cfg.run.seed, 2, step),
+                               row_keys=torch.arange(first_row, first_row + local_rollouts))
 
-        # 2. rewards: the learner only ever sees the noisy one
-        clean_reward = reward_fn(examples, rollout.completions).float()
-        noisy_reward = noise(clean_reward, rollout.completions).float()
-        noisy = noisy_reward.to(acc.device)
-
-        # 3. per-token statistics of the rollout under pi_old, pi_ref and the critic
+        # 2. clean rewards and per-token statistics of the shard under pi_old, pi_ref and the critic
+        per_row = {"clean_reward": reward_fn(examples, rollout.completions).float().to(acc.device)}
         with torch.no_grad(), acc.autocast():
-            old_logprobs, _ = score(policy, rollout, temperature=r.temperature, compute_entropy=False)
+            per_row["old_logprobs"], _ = score(policy, rollout, temperature=r.temperature, compute_entropy=False)
             with reference_mode():
                 ref_stats = reference_stats(ref, rollout, temperature=r.temperature)
+            per_row.update(ref_logprobs=ref_stats.logprobs, ref_entropy=ref_stats.entropy,
+                           ref_perplexity=ref_stats.perplexity)
             if has_critic:
                 value_model.eval()  # V_old from the VIB mean (no sampling noise in the targets)
-                old_values = value_model(rollout.input_ids, rollout.attention_mask,
-                                         response_mask=rollout.response_mask).values
+                per_row["old_values"] = value_model(rollout.input_ids, rollout.attention_mask,
+                                                    response_mask=rollout.response_mask).values
                 value_model.train()
+
+        # 3. the global batch on every process: the same noise, advantages and mini-batches everywhere
+        rollout, per_row = gather_rollout(acc, rollout, per_row, pad_token_id=tokenizer.pad_token_id)
+        mask = rollout.action_mask
+        old_logprobs, old_values = per_row["old_logprobs"], per_row.get("old_values")
+        ref_stats = ReferenceStats(per_row["ref_logprobs"], per_row["ref_entropy"], per_row["ref_perplexity"])
+        clean_reward = per_row["clean_reward"].cpu()
+        noisy_reward = noise(clean_reward, rollout.completions).float()  # the learner only ever sees this
+        noisy = noisy_reward.to(acc.device)
 
         # 4. advantages
         if has_critic:
@@ -531,61 +568,73 @@ def _run_training(cfg: TrainConfig, accelerator=None) -> Dict[str, Any]:
         else:
             advantages = grpo_advantages(noisy, mask, G)
 
-        # 5. PPO epochs over mini-batches (micro-batches accumulate into one optimiser step)
+        # 5. PPO epochs over global mini-batches: each process takes its slice of a mini-batch, split into
+        # micro-batches that accumulate into one optimiser step; losses are token means over the
+        # whole mini-batch (global_token_weight); the VIB noise is keyed by (global row, position)
         sums: Dict[str, float] = {}
-        n_micro = 0
+        n_mini = 0
         grad_norms: Dict[str, List[float]] = {"policy_grad_norm": [], "value_grad_norm": []}
-        for _ in range(o.ppo_epochs):
-            for micro in torch.randperm(local_rollouts).split(micro_size):
-                micro = micro.to(acc.device)
-                mb = rollout.select(micro)
-                m = mask[micro]
-                with acc.accumulate(*trained), acc.autocast():
-                    logprobs, entropy = score(policy, mb, temperature=r.temperature)
-                    if a.algo == "grpo":
-                        loss_p, stats = grpo_policy_loss(logprobs, old_logprobs[micro], advantages[micro], m,
-                                                         ref_stats.logprobs[micro], clip=a.clip, kl_coef=kl_coef,
-                                                         entropy=entropy, entropy_coef=a.entropy_coef)
-                    else:
-                        loss_p, stats = policy_loss(logprobs, old_logprobs[micro], advantages[micro], m, clip=a.clip,
-                                                    entropy=entropy, entropy_coef=a.entropy_coef)
-                    losses = {"policy": loss_p}
-                    loss = loss_p
-                    if has_critic:
-                        vrpo = a.algo == "vrpo"
-                        out = value_model(mb.input_ids, mb.attention_mask, response_mask=mb.response_mask)
-                        loss_v, vstats = vrpo_value_loss(
-                            out.values, old_values[micro], returns[micro], m,
-                            kl=out.kl if vrpo else None,
-                            ent_pred=out.ent_pred if vrpo else None, ent_target=ref_stats.entropy[micro],
-                            nll_pred=out.nll_pred if vrpo else None, nll_target=ref_stats.nll[micro],
-                            clip=a.value_clip, beta=a.beta, alpha_ent=a.alpha_ent, alpha_ppl=a.alpha_ppl,
-                        )
-                        stats.update(vstats)
-                        losses["value"] = loss_v
-                        loss = loss + loss_v
-                    check_finite(losses, step + 1, acc, last_checkpoint)
-                    acc.backward(loss)
-                    if acc.sync_gradients:
-                        grad_norms["policy_grad_norm"].append(float(acc.clip_grad_norm_(policy.parameters(),
-                                                                                         o.max_grad_norm)))
+        positions = torch.arange(mask.shape[1], device=acc.device)
+        for epoch in range(o.ppo_epochs):
+            order = torch.randperm(r.rollout_batch_size,
+                                   generator=torch.Generator().manual_seed(derived_seed(cfg.run.seed, 8, step, epoch)))
+            for k, rows in enumerate(order.to(acc.device).split(o.mini_batch_size)):
+                mini_tokens = mask[rows].sum().to(torch.float64)
+                vib_seed = derived_seed(cfg.run.seed, 9, step, epoch, k)
+                for micro in rows.view(world, -1)[rank].split(micro_size):
+                    mb = rollout.select(micro)
+                    m = mask[micro]
+                    weight = global_token_weight(acc, m, mini_tokens, o.grad_accum_steps)
+                    with acc.accumulate(*trained), acc.autocast():
+                        logprobs, entropy = score(policy, mb, temperature=r.temperature)
+                        if a.algo == "grpo":
+                            loss_p, stats = grpo_policy_loss(logprobs, old_logprobs[micro], advantages[micro], m,
+                                                             ref_stats.logprobs[micro], clip=a.clip, kl_coef=kl_coef,
+                                                             entropy=entropy, entropy_coef=a.entropy_coef)
+                        else:
+                            loss_p, stats = policy_loss(logprobs, old_logprobs[micro], advantages[micro], m,
+                                                        clip=a.clip, entropy=entropy, entropy_coef=a.entropy_coef)
+                        losses = {"policy": loss_p}
+                        loss = loss_p
                         if has_critic:
-                            grad_norms["value_grad_norm"].append(float(acc.clip_grad_norm_(value_model.parameters(),
-                                                                                            o.max_grad_norm)))
-                    policy_opt.step()
-                    policy_opt.zero_grad(set_to_none=True)
-                    if has_critic:
-                        value_opt.step()
-                        value_opt.zero_grad(set_to_none=True)
-                for k, v in stats.items():
-                    if k not in ("explained_variance", "values_mean", "returns_mean"):  # logged from the rollout
-                        sums[k] = sums.get(k, 0.0) + float(v)
-                n_micro += 1
+                            vrpo = a.algo == "vrpo"
+                            out = value_model(mb.input_ids, mb.attention_mask, response_mask=mb.response_mask,
+                                              seed=vib_seed, noise_ids=micro[:, None] * mask.shape[1] + positions)
+                            loss_v, vstats = vrpo_value_loss(
+                                out.values, old_values[micro], returns[micro], m,
+                                kl=out.kl if vrpo else None,
+                                ent_pred=out.ent_pred if vrpo else None, ent_target=ref_stats.entropy[micro],
+                                nll_pred=out.nll_pred if vrpo else None, nll_target=ref_stats.nll[micro],
+                                clip=a.value_clip, beta=a.beta, alpha_ent=a.alpha_ent, alpha_ppl=a.alpha_ppl,
+                            )
+                            stats.update(vstats)
+                            losses["value"] = loss_v
+                            loss = loss + loss_v
+                        check_finite(losses, step + 1, acc, last_checkpoint)
+                        acc.backward(loss * weight)
+                        if acc.sync_gradients:
+                            grad_norms["policy_grad_norm"].append(
+                                float(acc.clip_grad_norm_(policy.parameters(), o.max_grad_norm)))
+                            if has_critic:
+                                grad_norms["value_grad_norm"].append(
+                                    float(acc.clip_grad_norm_(value_model.parameters(), o.max_grad_norm)))
+                        policy_opt.step()
+                        policy_opt.zero_grad(set_to_none=True)
+                        if has_critic:
+                            value_opt.step()
+                            value_opt.zero_grad(set_to_none=True)
+                    # token means over the mini-batch, like the losses (summed over processes below)
+                    share = float(weight) / (world * o.grad_accum_steps)
+                    for name, v in stats.items():
+                        if name not in ("explained_variance", "values_mean", "returns_mean"):  # from the rollout
+                            sums[name] = sums.get(name, 0.0) + float(v) * share
+                n_mini += 1
         policy_sched.step()
         if has_critic:
             value_sched.step()
 
-        # 6. metrics: this process's means, averaged over the processes in one all-reduce
+        # 6. metrics: rollout statistics are global already; loss statistics are averaged over the
+        # processes (one all-reduce for all of them)
         step_time = time.time() - t0
         local = {
             "clean_reward": clean_reward.mean(),
@@ -595,14 +644,14 @@ def _run_training(cfg: TrainConfig, accelerator=None) -> Dict[str, Any]:
             "ref_perplexity": ref_stats.perplexity.mean(),
             "response_length": rollout.response_lengths.float().mean(),
             "tokens": rollout.attention_mask.sum(),
-            **{k: v / max(n_micro, 1) for k, v in sums.items()},
+            **{k: v * world / max(n_mini, 1) for k, v in sums.items()},  # x world: the all-reduce averages
             **{k: sum(v) / len(v) for k, v in grad_norms.items() if v},
         }
         if has_critic:
             local["explained_variance"] = explained_variance(old_values, returns, mask)
             local["value_mean"] = masked_mean(old_values, mask)
         record = {"step": step + 1, **mean_over_processes(acc, local)}
-        n_tokens = record.pop("tokens") * world
+        n_tokens = record.pop("tokens")
         record["lr"] = policy_sched.get_last_lr()[0]
         record["step_time_s"] = step_time
         record["tokens_per_s"] = n_tokens / max(step_time, 1e-9)
@@ -682,12 +731,3 @@ def _read_json(path: str) -> Dict[str, Any]:
 
     with open(path) as f:
         return json.load(f)
-
-
-def _gather_objects(acc, obj):
-    """Every process's ``obj``, as a list indexed by process."""
-    if acc.num_processes == 1:
-        return [obj]
-    from accelerate.utils import gather_object
-
-    return gather_object([obj])

@@ -195,6 +195,7 @@ class ValueModel(nn.Module):
         *,
         response_mask: Optional[torch.Tensor] = None,
         seed: Optional[int] = None,
+        noise_ids: Optional[torch.Tensor] = None,
         align_to_tokens: bool = False,
     ) -> ValueOutput:
         """Values (and auxiliary predictions) for every position of ``input_ids`` [B, T].
@@ -205,7 +206,10 @@ class ValueModel(nn.Module):
         the response tokens of ``input_ids``; the VIB KL is averaged over the positions whose outputs
         score them (t - 1 for each response token t), or over the ``attention_mask`` positions when it
         is None. ``seed`` makes the VIB noise reproducible in training mode; in eval mode the VIB head
-        uses z = mu (deterministic).
+        uses z = mu (deterministic). ``noise_ids`` [B, T] (int32/int64, non-negative): ids of each
+        position's VIB noise; give the same id to the same (sequence, position) to get the same noise
+        however rows are batched or sharded (e.g. ``global_row * T + t``, with one ``seed`` on every
+        rank). None keys the noise by the position in this batch. Ignored by the scalar head.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -219,9 +223,17 @@ class ValueModel(nn.Module):
             state_mask = _shift_left(response_mask.bool()) & attention_mask.bool()
         else:
             state_mask = attention_mask.bool()
+        if noise_ids is not None:
+            if not isinstance(noise_ids, torch.Tensor) or noise_ids.dtype not in (torch.int32, torch.int64):
+                got = noise_ids.dtype if isinstance(noise_ids, torch.Tensor) else type(noise_ids).__name__
+                raise TypeError(f"noise_ids must be an int32/int64 torch.Tensor, got {got}")
+            if noise_ids.shape != input_ids.shape:
+                raise ValueError(f"noise_ids must have the shape of input_ids {tuple(input_ids.shape)}, "
+                                 f"got {tuple(noise_ids.shape)}")
 
         hidden = self.last_hidden_state(input_ids, attention_mask)
-        head_out = self.value_head(hidden, mask=state_mask, seed=seed)  # the head casts to its own dtype
+        # the head casts to its own dtype
+        head_out = self.value_head(hidden, mask=state_mask, seed=seed, row_ids=noise_ids)
         values = head_out.values.float()
         kl = head_out.kl
         if kl is None:

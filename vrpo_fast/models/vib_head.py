@@ -128,14 +128,24 @@ class VIBValueHead(nn.Module):
         self.decoder = _build_decoder(decoder, latent_dim)
 
     def forward(
-        self, hidden: torch.Tensor, mask: Optional[torch.Tensor] = None, seed: Optional[int] = None
+        self,
+        hidden: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        seed: Optional[int] = None,
+        row_ids: Optional[torch.Tensor] = None,
     ) -> VIBHeadOutput:
-        """``hidden [..., H]``, ``mask [...]`` (bool/int/float; None = all tokens), ``seed`` for eps."""
+        """``hidden [..., H]``, ``mask [...]`` (bool/int/float; None = all tokens), ``seed`` for eps.
+
+        ``row_ids [...]`` (int32/int64, shape ``hidden.shape[:-1]``, non-negative): an id per token
+        keying its noise, so the same id gets the same eps however tokens are batched (see
+        :func:`vrpo_fast.ops.vib_sample_kl`); None keys the noise by position in the batch.
+        """
         hidden = _prepare_inputs(hidden, mask, self.encoder)
         stats = self.encoder(hidden)
         mu, logvar = stats[..., : self.latent_dim], stats[..., self.latent_dim :]
         z, kl_per_token = vib_sample_kl(
-            mu, logvar, seed=seed, training=self.training, logvar_clamp=self.logvar_clamp, backend=self.backend
+            mu, logvar, seed=seed, training=self.training, logvar_clamp=self.logvar_clamp, backend=self.backend,
+            row_ids=row_ids,
         )
         values = self.decoder(z)
         if values.dim() == z.dim() and values.shape[-1] == 1:
@@ -167,9 +177,13 @@ class ScalarValueHead(nn.Module):
         self.value = _zero_init_linear(nn.Linear(hidden_size, 1))
 
     def forward(
-        self, hidden: torch.Tensor, mask: Optional[torch.Tensor] = None, seed: Optional[int] = None
+        self,
+        hidden: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        seed: Optional[int] = None,
+        row_ids: Optional[torch.Tensor] = None,
     ) -> VIBHeadOutput:
-        """``seed`` is accepted for interface parity and ignored (nothing is sampled)."""
+        """``seed`` and ``row_ids`` are accepted for interface parity and ignored (nothing is sampled)."""
         hidden = _prepare_inputs(hidden, mask, self.value)
         values = self.value(hidden).squeeze(-1).float()
         zeros = torch.zeros(values.shape, dtype=torch.float32, device=values.device)

@@ -5,19 +5,32 @@ For ``mu``, ``logvar`` of shape ``[..., L]`` and ``lv = clamp(logvar, *logvar_cl
     z  = mu + exp(lv / 2) * eps,          eps ~ N(0, I)      (z = mu when training=False)
     kl = 0.5 * sum_j (mu_j^2 + exp(lv_j) - lv_j - 1)           per row, shape [...]
 
-``eps`` is a pure function of the seed and the element's position. It is never stored: the
-backward draws it again from the seed, so the only tensors kept for backward are ``mu`` and
-``logvar`` (eager PyTorch keeps ``eps``, ``exp(lv / 2)`` and ``exp(lv)`` as well).
+``eps`` is never stored: the backward draws it again from the seed, so the only tensors kept for
+backward are ``mu`` and ``logvar`` (and ``row_ids`` when given; eager PyTorch keeps ``eps``,
+``exp(lv / 2)`` and ``exp(lv)`` as well). What ``eps`` is a function of:
 
-* CUDA (``backend="triton"``): Philox, ``tl.randn(seed, i)`` with ``i`` the flat row-major index;
-  one kernel for the forward (writes z and the KL), one for the backward.
+* ``row_ids=None``: the seed and the element's position in the tensor, so a row's noise depends on
+  which rows were batched with it.
+* ``row_ids`` given (an integer id per row, shape ``mu.shape[:-1]``): the seed, the row's id and
+  the column only. Give the same id to the same item (e.g. ``sequence * T + position``) and it gets
+  the same noise however rows are batched, permuted or sharded over processes: a data-parallel run
+  then draws exactly what a single-process run with the same global batch draws.
+
+Backends:
+
+* CUDA (``backend="triton"``): Philox, ``tl.randn(seed, i)`` with ``i`` the flat row-major index, or
+  ``i = row_id * L + j`` (64-bit) with ``row_ids``; one kernel for the forward (writes z and the KL),
+  one for the backward.
 * CPU (``backend="torch"``): ``Tensor.normal_`` from ``torch.Generator``s seeded from ``seed`` and
-  the row block (a block is ~32K elements); cache-sized blocks spread over torch's thread count.
+  the row block (a block is ~32K elements), or with ``row_ids`` the counter-based
+  :func:`vrpo_fast.ops._random.keyed_normal` of ``(seed, row_id, j)``; cache-sized blocks spread
+  over torch's thread count.
 
-The two backends draw different streams for the same seed (Philox vs. Mersenne Twister), and the
-CPU stream also depends on the latent size L (it sets the block size). Each is deterministic for a
-given (seed, shape). Arithmetic is in fp32 (fp64 for fp64 inputs) on both; outputs are stored in
-the input dtype, the KL in fp32 (fp64 for fp64 inputs).
+The two backends draw different streams for the same seed (Philox vs. Mersenne Twister / SplitMix64
+hash), with or without ``row_ids``; without them the CPU stream also depends on the latent size L
+(it sets the block size). Each is deterministic for a given (seed, shape[, row_ids]). Arithmetic is
+in fp32 (fp64 for fp64 inputs) on both; outputs are stored in the input dtype, the KL in fp32 (fp64
+for fp64 inputs).
 """
 from __future__ import annotations
 
@@ -29,8 +42,10 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ._common import FLOAT_DTYPES, check_same_shape, check_tensor, resolve_backend
+from ._random import keyed_normal
 
 _SEED_LIMIT = 2**63
+_ROW_ID_DTYPES = (torch.int32, torch.int64)
 
 
 def vib_sample_kl_reference(mu, logvar, eps=None, *, training=True, logvar_clamp=(-20.0, 10.0)):
@@ -77,6 +92,32 @@ def _check_seed(seed) -> int:
     if not 0 <= seed < _SEED_LIMIT:
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
     return seed
+
+
+def _check_row_ids(row_ids, mu: torch.Tensor, check_range: bool) -> torch.Tensor:
+    """Validate ``row_ids`` against ``mu`` ``[..., L]``; return them flattened to ``[rows]``.
+
+    Ids must lie in ``[0, (2**63 - L) // L]`` so that the Philox offset ``id * L + j`` fits in int64.
+    The range check is one min/max reduction (a host sync on CUDA); it is skipped in eval mode,
+    where the ids are not used.
+    """
+    check_tensor("row_ids", row_ids, dtypes=_ROW_ID_DTYPES)
+    if row_ids.shape != mu.shape[:-1]:
+        raise ValueError(
+            f"row_ids must have shape {tuple(mu.shape[:-1])} (mu without its latent dim), got {tuple(row_ids.shape)}"
+        )
+    if row_ids.device != mu.device:
+        raise ValueError(f"row_ids must be on device {mu.device} (like mu), got {row_ids.device}")
+    flat = row_ids.reshape(-1)
+    if check_range and flat.numel() > 0:
+        n_cols = mu.shape[-1]
+        max_id = (2**63 - n_cols) // n_cols
+        lo, hi = (int(v) for v in torch.aminmax(flat))
+        if lo < 0:
+            raise ValueError(f"row_ids must be non-negative, got {lo}")
+        if hi > max_id:
+            raise ValueError(f"row_ids must be at most (2**63 - L) // L = {max_id} for L = {n_cols}, got {hi}")
+    return flat
 
 
 def _draw_seed() -> int:
@@ -172,9 +213,19 @@ def _out_of_range(x: torch.Tensor, clamp) -> bool:
     return bool(lo < clamp[0]) or bool(hi > clamp[1])
 
 
-def _forward_torch(mu, logvar, seed, training, clamp, kl_dtype):
+def _noise_fn(seed: int, row_ids: Optional[torch.Tensor], n_cols: int, device, dtype):
+    """``noise(scratch, shape, block, r0, r1)`` -> eps for rows ``[r0, r1)``, the same in forward and
+    backward: the block's generator stream, or the keyed hash of (seed, row id, column)."""
+    if row_ids is None:
+        return lambda s, shape, b, r0, r1: s.randn(shape, seed, b)
+    cols = torch.arange(n_cols, device=device).unsqueeze(0)
+    return lambda s, shape, b, r0, r1: keyed_normal(seed, row_ids[r0:r1].unsqueeze(1), cols, dtype=dtype)
+
+
+def _forward_torch(mu, logvar, seed, training, clamp, kl_dtype, row_ids=None):
     n_rows, n_cols = mu.shape
     cdt = _compute_dtype(mu.dtype)
+    noise = _noise_fn(seed, row_ids, n_cols, mu.device, cdt)
     kl = torch.empty(n_rows, dtype=cdt, device=mu.device)
     z = torch.empty((n_rows, n_cols), dtype=mu.dtype, device=mu.device) if training else None
 
@@ -186,7 +237,7 @@ def _forward_torch(mu, logvar, seed, training, clamp, kl_dtype):
             lv = torch.clamp(lv, *clamp, out=s.buf("lv", shape))  # in place if lv is that buffer
         std = torch.mul(lv, 0.5, out=s.buf("std", shape)).exp_()
         if training:
-            eps = s.randn(shape, seed, b)
+            eps = noise(s, shape, b, r0, r1)
             if z.dtype == cdt:
                 torch.addcmul(mu_b, std, eps, out=z[r0:r1])
             else:
@@ -199,11 +250,12 @@ def _forward_torch(mu, logvar, seed, training, clamp, kl_dtype):
     return z, kl.to(kl_dtype)
 
 
-def _backward_torch(mu, logvar, grad_z, grad_kl, seed, clamp):
+def _backward_torch(mu, logvar, grad_z, grad_kl, seed, clamp, row_ids=None):
     # dmu = grad_z + grad_kl * mu
     # dlv = [lo <= logvar <= hi] * (0.5 * grad_z * eps * std + 0.5 * grad_kl * (std^2 - 1))
     n_rows, n_cols = mu.shape
     cdt = _compute_dtype(mu.dtype)
+    noise = _noise_fn(seed, row_ids, n_cols, mu.device, cdt)
     dmu = torch.empty((n_rows, n_cols), dtype=mu.dtype, device=mu.device)
     dlv = torch.empty((n_rows, n_cols), dtype=logvar.dtype, device=logvar.device)
     direct = dmu.dtype == cdt and (grad_z is None or grad_z.dtype == cdt)  # write outputs via out=
@@ -228,8 +280,8 @@ def _backward_torch(mu, logvar, grad_z, grad_kl, seed, clamp):
                 torch.addcmul(gz, mu_b, g, out=dmu_b) if direct else dmu_b.copy_(torch.addcmul(gz.to(cdt), mu_b, g))
 
         if gz is not None:
-            # The very same eps as the forward: same block, same generator seed.
-            eps_std = s.randn(shape, seed, b).mul_(std)
+            # The very same eps as the forward: same block and generator seed, or same keys.
+            eps_std = noise(s, shape, b, r0, r1).mul_(std)
         if g is None:
             res = eps_std.mul_(gz).mul_(0.5)
         else:
@@ -256,10 +308,12 @@ def _backward_torch(mu, logvar, grad_z, grad_kl, seed, clamp):
 
 
 class _VIBSampleKL(torch.autograd.Function):
-    """Returns ``(z, kl)`` when training, ``kl`` alone in eval (there ``z`` is ``mu`` itself)."""
+    """Returns ``(z, kl)`` when training, ``kl`` alone in eval (there ``z`` is ``mu`` itself).
+
+    ``row_ids`` is None or the flat ``[rows]`` integer ids (only passed when training)."""
 
     @staticmethod
-    def forward(ctx, mu, logvar, seed, training, clamp, path):
+    def forward(ctx, mu, logvar, seed, training, clamp, path, row_ids):
         n_cols = mu.shape[-1]
         kl_dtype = torch.promote_types(mu.dtype, torch.float32)
         mu2, lv2 = mu.reshape(-1, n_cols), logvar.reshape(-1, n_cols)
@@ -267,10 +321,17 @@ class _VIBSampleKL(torch.autograd.Function):
             from vrpo_fast.kernels._launch import last_dim_contiguous
             from vrpo_fast.kernels.vib import vib_forward
 
-            z, kl = vib_forward(last_dim_contiguous(mu2), last_dim_contiguous(lv2), seed, training, clamp, kl_dtype)
+            if row_ids is not None:
+                row_ids = row_ids.contiguous()
+            z, kl = vib_forward(
+                last_dim_contiguous(mu2), last_dim_contiguous(lv2), seed, training, clamp, kl_dtype, row_ids=row_ids
+            )
         else:
-            z, kl = _forward_torch(mu2, lv2, seed, training, clamp, kl_dtype)
-        ctx.save_for_backward(mu, logvar)
+            z, kl = _forward_torch(mu2, lv2, seed, training, clamp, kl_dtype, row_ids=row_ids)
+        if row_ids is None:
+            ctx.save_for_backward(mu, logvar)
+        else:
+            ctx.save_for_backward(mu, logvar, row_ids)
         ctx.seed, ctx.training, ctx.clamp, ctx.path = seed, training, clamp, path
         ctx.set_materialize_grads(False)
         kl = kl.view(mu.shape[:-1])
@@ -281,8 +342,9 @@ class _VIBSampleKL(torch.autograd.Function):
     def backward(ctx, *grads):
         grad_z, grad_kl = grads if ctx.training else (None, grads[0])
         if grad_z is None and grad_kl is None:
-            return None, None, None, None, None, None
-        mu, logvar = ctx.saved_tensors
+            return None, None, None, None, None, None, None
+        mu, logvar, *rest = ctx.saved_tensors
+        row_ids = rest[0] if rest else None
         n_cols = mu.shape[-1]
         mu2, lv2 = mu.reshape(-1, n_cols), logvar.reshape(-1, n_cols)
         gz2 = grad_z.reshape(-1, n_cols) if grad_z is not None else None
@@ -295,14 +357,16 @@ class _VIBSampleKL(torch.autograd.Function):
                 last_dim_contiguous(mu2), last_dim_contiguous(lv2),
                 last_dim_contiguous(gz2) if gz2 is not None else None,
                 gkl1.contiguous() if gkl1 is not None else None,
-                ctx.seed, ctx.clamp,
+                ctx.seed, ctx.clamp, row_ids=row_ids,
             )
         else:
-            dmu, dlv = _backward_torch(mu2, lv2, gz2, gkl1, ctx.seed, ctx.clamp)
-        return dmu.view(mu.shape), dlv.view(logvar.shape), None, None, None, None
+            dmu, dlv = _backward_torch(mu2, lv2, gz2, gkl1, ctx.seed, ctx.clamp, row_ids=row_ids)
+        return dmu.view(mu.shape), dlv.view(logvar.shape), None, None, None, None, None
 
 
-def vib_sample_kl(mu, logvar, *, seed=None, training=True, logvar_clamp=(-20.0, 10.0), backend="auto"):
+def vib_sample_kl(
+    mu, logvar, *, seed=None, training=True, logvar_clamp=(-20.0, 10.0), backend="auto", row_ids=None
+):
     """Fused VIB sample ``z`` and per-row KL to N(0, I); see the module docstring for the math.
 
     Args:
@@ -313,11 +377,17 @@ def vib_sample_kl(mu, logvar, *, seed=None, training=True, logvar_clamp=(-20.0, 
         logvar_clamp: ``(low, high)`` applied to ``logvar`` before use (zero gradient outside it,
             like ``torch.clamp``); None disables clamping.
         backend: ``"auto"`` (CUDA -> Triton, CPU -> torch), ``"triton"`` or ``"torch"``.
+        row_ids: None, or an int32/int64 tensor of shape ``mu.shape[:-1]`` on ``mu``'s device: a
+            non-negative id per row (at most ``(2**63 - L) // L``). Then ``eps[..., j]`` of a row is a
+            pure function of ``(seed, id, j)`` on each backend, so the same (row, id) gets bitwise the
+            same ``z`` and gradients however rows are batched, permuted or sharded. Ignored (shape,
+            dtype and device still checked) when ``training=False``. None: ``eps`` depends on the
+            row's position in the tensor.
 
     Returns:
         ``(z, kl)``: ``z`` like ``mu`` (same dtype), ``kl`` of shape ``mu.shape[:-1]`` in fp32
         (fp64 for fp64 inputs). Both are differentiable w.r.t. ``mu`` and ``logvar``; the backward
-        keeps only ``mu``, ``logvar`` and the seed.
+        keeps only ``mu``, ``logvar``, the seed and ``row_ids``.
     """
     check_tensor("mu", mu, dtypes=FLOAT_DTYPES)
     check_tensor("logvar", logvar, dtypes=FLOAT_DTYPES)
@@ -332,6 +402,10 @@ def vib_sample_kl(mu, logvar, *, seed=None, training=True, logvar_clamp=(-20.0, 
     if not isinstance(training, bool):
         raise TypeError(f"training must be a bool, got {type(training).__name__}")
     clamp = _check_clamp(logvar_clamp)
+    if row_ids is not None:
+        row_ids = _check_row_ids(row_ids, mu, check_range=training)
+        if not training:
+            row_ids = None  # eval draws no noise
     path = resolve_backend(backend, mu, logvar)
     if seed is not None:
         seed = _check_seed(seed)
@@ -339,5 +413,5 @@ def vib_sample_kl(mu, logvar, *, seed=None, training=True, logvar_clamp=(-20.0, 
         seed = _draw_seed()
     else:
         seed = 0  # unused: eval draws no noise (and leaves the global RNG alone)
-    out = _VIBSampleKL.apply(mu, logvar, seed, training, clamp, path)
+    out = _VIBSampleKL.apply(mu, logvar, seed, training, clamp, path, row_ids)
     return out if training else (mu, out)
