@@ -44,6 +44,15 @@ def check_same_shape(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor)
         raise ValueError(f"{name_b} must have the same shape as {name_a} {tuple(a.shape)}, got {tuple(b.shape)}")
 
 
+def check_leading_shape(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    """``t`` must have the shape of ``ref`` without its last dimension and be on ``ref``'s device."""
+    if t.shape != ref.shape[:-1]:
+        raise ValueError(f"{name} must have the leading shape of {ref_name} {tuple(ref.shape[:-1])}, "
+                         f"got {tuple(t.shape)}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} must be on the same device as {ref_name} ({ref.device}), got {t.device}")
+
+
 def check_finite(name: str, t: torch.Tensor) -> None:
     """Raise ``ValueError`` if ``t`` holds NaN or inf (costs one reduction; syncs on CUDA)."""
     if not bool(torch.isfinite(t).all()):

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from ._common import FLOAT_DTYPES, check_tensor, resolve_backend
+from ._common import FLOAT_DTYPES, check_leading_shape, check_tensor, resolve_backend
 
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -266,12 +266,7 @@ class _TokenLogprobsEntropy(torch.autograd.Function):
 def _validate(logits, labels, temperature, ignore_index, check_label_range):
     check_tensor("logits", logits, dtypes=FLOAT_DTYPES, ndim=(2, 3))
     check_tensor("labels", labels, dtypes=INT_DTYPES)
-    if labels.shape != logits.shape[:-1]:
-        raise ValueError(
-            f"labels must have the leading shape of logits {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}"
-        )
-    if labels.device != logits.device:
-        raise ValueError(f"labels must be on the same device as logits ({logits.device}), got {labels.device}")
+    check_leading_shape("labels", labels, "logits", logits)
     V = logits.shape[-1]
     if V == 0:
         raise ValueError("logits must have a non-empty last (vocabulary) dimension")

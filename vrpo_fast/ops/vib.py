@@ -41,7 +41,7 @@ from typing import Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._common import FLOAT_DTYPES, check_same_shape, check_tensor, resolve_backend
+from ._common import FLOAT_DTYPES, check_leading_shape, check_same_shape, check_tensor, resolve_backend
 from ._random import keyed_normal
 
 _SEED_LIMIT = 2**63
@@ -102,12 +102,7 @@ def _check_row_ids(row_ids, mu: torch.Tensor, check_range: bool) -> torch.Tensor
     where the ids are not used.
     """
     check_tensor("row_ids", row_ids, dtypes=_ROW_ID_DTYPES)
-    if row_ids.shape != mu.shape[:-1]:
-        raise ValueError(
-            f"row_ids must have shape {tuple(mu.shape[:-1])} (mu without its latent dim), got {tuple(row_ids.shape)}"
-        )
-    if row_ids.device != mu.device:
-        raise ValueError(f"row_ids must be on device {mu.device} (like mu), got {row_ids.device}")
+    check_leading_shape("row_ids", row_ids, "mu", mu)
     flat = row_ids.reshape(-1)
     if check_range and flat.numel() > 0:
         n_cols = mu.shape[-1]
