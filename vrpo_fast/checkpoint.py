@@ -78,17 +78,29 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _save(model, path: str, state_dict) -> None:
+    """``model.save_pretrained(path)``, with the weights ``state_dict`` when given (gathered under FSDP)."""
+    if state_dict is None:
+        model.save_pretrained(path)
+    else:
+        model.save_pretrained(path, state_dict=state_dict)
+
+
 def save_checkpoint(run_dir: str, step: int, *, policy, tokenizer, value_model=None,
-                    trainer_state: Dict[str, Any], keep: int = 2) -> str:
-    """Write checkpoint ``step`` atomically, point ``latest`` at it, keep the newest ``keep``."""
+                    trainer_state: Dict[str, Any], keep: int = 2, policy_state=None, value_state=None) -> str:
+    """Write checkpoint ``step`` atomically, point ``latest`` at it, keep the newest ``keep``.
+
+    ``policy_state`` / ``value_state``: full weights gathered elsewhere (FSDP), written instead of the
+    modules' own (sharded) tensors.
+    """
     root = os.path.join(run_dir, CHECKPOINTS)
     os.makedirs(root, exist_ok=True)
 
     def write(tmp: str) -> None:
-        policy.save_pretrained(os.path.join(tmp, "policy"))
+        _save(policy, os.path.join(tmp, "policy"), policy_state)
         tokenizer.save_pretrained(os.path.join(tmp, "policy"))
         if value_model is not None:
-            value_model.save_pretrained(os.path.join(tmp, "value"))
+            _save(value_model, os.path.join(tmp, "value"), value_state)
         torch.save(trainer_state, os.path.join(tmp, TRAINER_STATE))
 
     path = atomic_directory(os.path.join(root, checkpoint_name(step)), write)

@@ -176,6 +176,71 @@ def trainable_parameters(model) -> List[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def is_sharded(accelerator) -> bool:
+    """Whether the trained models' parameters are split across processes (FSDP), not replicated (DDP)."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def check_distributed_support(cfg: TrainConfig, accelerator) -> None:
+    """Refuse the accelerate setups this trainer does not handle, before any model is loaded."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise ValueError("DeepSpeed is not supported: the policy and the critic are two trained models and "
+                         "accelerator.backward drives a single DeepSpeed engine. Use examples/accelerate/fsdp.yaml "
+                         "(FSDP2) or ddp.yaml (docs/multi_gpu.md)")
+    if not is_sharded(accelerator):
+        return
+    if not accelerator.is_fsdp2:
+        raise ValueError("FSDP1 is not supported: set fsdp_version: 2 (examples/accelerate/fsdp.yaml)")
+    if cfg.model.lora_r:
+        raise ValueError("--lora-r is not supported with FSDP yet: use DDP (examples/accelerate/ddp.yaml)")
+    if cfg.run.resume:
+        raise ValueError("--resume is not supported with FSDP yet (optimizer states are sharded)")
+    world = accelerator.num_processes
+    # every process must call generate() as often as the others: each call all-gathers the weights
+    if cfg.task.num_eval % world or (cfg.optim.warmup_target > 0 and cfg.optim.warmup_probe_size % world):
+        raise ValueError(f"with FSDP, --num-eval ({cfg.task.num_eval}) and --warmup-probe-size "
+                         f"({cfg.optim.warmup_probe_size}) must be divisible by the number of processes ({world})")
+
+
+@contextlib.contextmanager
+def generation_weights(accelerator, prepared):
+    """Context in which ``unwrap_model(prepared).lm.generate`` runs under FSDP2.
+
+    The prepared root (the TokenScorer) owns the parameters outside the wrapped decoder layers
+    (embeddings, final norm, lm_head); calling its child LM directly skips the root's hooks, so they
+    are gathered here. The decoder layers gather their own. A no-op without FSDP.
+    """
+    if not is_sharded(accelerator):
+        yield
+        return
+    from torch.distributed.fsdp import fully_shard
+
+    root = accelerator.unwrap_model(prepared)
+    fully_shard.state(root)._lazy_init()  # FSDP2 needs the root initialised before any child runs
+    root.unshard()
+    try:
+        yield
+    finally:
+        root.reshard()
+
+
+def full_state_dict(accelerator, prepared, prefix: str = "") -> Optional[Dict[str, torch.Tensor]]:
+    """Under FSDP, the full weights of ``prepared`` (keys starting with ``prefix``, stripped), gathered on
+    the main process (a collective: call it on EVERY process); None without FSDP."""
+    if not is_sharded(accelerator):
+        return None
+    state = accelerator.get_state_dict(prepared)
+    # a tied weight (lm_head = embed_tokens) once, under the name save_pretrained itself keeps
+    module = accelerator.unwrap_model(prepared)
+    aliases = {n for n, _ in module.named_parameters(remove_duplicate=False)} - \
+        {n for n, _ in module.named_parameters()}
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and k not in aliases}
+
+
 def _lora_kwargs(cfg: TrainConfig) -> Dict[str, Any]:
     m = cfg.model
     return dict(r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout, target_modules=m.lora_target_modules)
@@ -193,7 +258,8 @@ def enable_gradient_checkpointing(model) -> None:
 # evaluation and supervised warm-up
 # ----------------------------------------------------------------------------------------------
 def evaluate(accelerator, lm, tokenizer, reward_fn, examples: Sequence[Example], cfg: TrainConfig, *,
-             temperature: Optional[float] = None, samples: Optional[int] = None) -> float:
+             temperature: Optional[float] = None, samples: Optional[int] = None,
+             weights: Callable[[], Any] = contextlib.nullcontext) -> float:
     """Mean CLEAN reward over ``samples`` completions per prompt (each process takes its shard of the
     prompts; results are gathered). Defaults: ``--eval-temperature`` and ``--eval-samples`` (1 when greedy).
 
@@ -210,7 +276,7 @@ def evaluate(accelerator, lm, tokenizer, reward_fn, examples: Sequence[Example],
     for start in range(0, len(mine), r.eval_batch_size):
         rows = mine[start:start + r.eval_batch_size]
         batch = [examples[i] for i, _ in rows]
-        with accelerator.autocast():
+        with weights(), accelerator.autocast():
             roll = generate(lm, tokenizer, [e.prompt for e in batch], max_new_tokens=r.max_new_tokens,
                             temperature=temperature, device=accelerator.device, seed=derived_seed(cfg.run.seed, 11),
                             row_keys=torch.tensor([i * samples + s for i, s in rows]))
@@ -241,7 +307,8 @@ def supervised_batch(tokenizer, examples: Sequence[Example], device) -> Rollout:
 
 
 def supervised_warmup(accelerator, policy, tokenizer, examples: Sequence[Example], cfg: TrainConfig,
-                      progress: bool, probe: Optional[Callable[[], float]] = None) -> Dict[str, float]:
+                      progress: bool, probe: Optional[Callable[[], float]] = None,
+                      optimizer=None) -> Dict[str, float]:
     """Maximum likelihood on the task's reference completions, so that RL starts from non-zero rewards.
 
     Runs ``--warmup-steps`` steps, or stops early once ``probe()`` (the clean reward on a few train
@@ -254,7 +321,12 @@ def supervised_warmup(accelerator, policy, tokenizer, examples: Sequence[Example
         return info
     if not any(e.reference for e in examples):
         raise ValueError(f"task {cfg.task.task!r} has no reference completions for the warm-up: pass --warmup-steps 0")
-    optimizer = accelerator.prepare(torch.optim.AdamW(trainable_parameters(policy), lr=o.warmup_lr, weight_decay=0.0))
+    if optimizer is None:
+        optimizer = accelerator.prepare(torch.optim.AdamW(trainable_parameters(policy), lr=o.warmup_lr,
+                                                          weight_decay=0.0))
+    else:  # FSDP2: the policy's own optimizer (prepared with it); the caller resets it afterwards
+        for group in optimizer.param_groups:
+            group.update(lr=o.warmup_lr, weight_decay=0.0)
     bar = _progress(o.warmup_steps, "warm-up", progress and accelerator.is_main_process)
     for step in range(o.warmup_steps):
         g = torch.Generator().manual_seed(derived_seed(cfg.run.seed, 5, step))
@@ -334,6 +406,8 @@ def _run_training(cfg: TrainConfig, accelerator=None) -> Dict[str, Any]:
     t_start = time.time()
     acc = accelerator or make_accelerator(cfg)
     cfg.validate(acc.num_processes)
+    check_distributed_support(cfg, acc)
+    sharded = is_sharded(acc)
     rank, world = acc.process_index, acc.num_processes
     main = acc.is_main_process
     show_progress = cfg.run.progress and main
@@ -380,7 +454,16 @@ def _run_training(cfg: TrainConfig, accelerator=None) -> Dict[str, Any]:
                   f"parameters trained", flush=True)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(policy_lm)
-    policy = acc.prepare(TokenScorer(policy_lm))  # DDP-wrapped when distributed
+    policy_opt = None
+    if sharded:
+        # FSDP2 shards the model in place and swaps its optimizer's parameters for the shards, so
+        # both go through one prepare() call; the warm-up borrows this optimizer
+        policy = TokenScorer(policy_lm)
+        policy_opt = torch.optim.AdamW(trainable_parameters(policy), lr=o.lr, weight_decay=o.weight_decay)
+        policy, policy_opt = acc.prepare(policy, policy_opt)
+    else:
+        policy = acc.prepare(TokenScorer(policy_lm))  # DDP-wrapped when distributed
+    policy_weights = lambda: generation_weights(acc, policy)  # noqa: E731
     policy_lm = acc.unwrap_model(policy).lm
 
     if warmup_done or resume_from is not None:
@@ -389,20 +472,28 @@ def _run_training(cfg: TrainConfig, accelerator=None) -> Dict[str, Any]:
         probe_examples = train_examples[:o.warmup_probe_size]
         warmup = supervised_warmup(acc, policy, tokenizer, train_examples, cfg, show_progress,
                                    probe=lambda: evaluate(acc, policy_lm, tokenizer, reward_fn, probe_examples, cfg,
-                                                          temperature=0.0))
+                                                          temperature=0.0, weights=policy_weights),
+                                   optimizer=policy_opt)
+        if policy_opt is not None:  # the RL phase starts from fresh moments, as with a new optimiser
+            policy_opt.state.clear()
+            for group in policy_opt.param_groups:
+                group.update(lr=o.lr, weight_decay=o.weight_decay)
         if use_lora and warmup["warmup_steps"]:
             from .models.lora import fold_lora_into_base
 
             # the warmed-up policy becomes the base (= the reference); the adapters restart at zero
             torch.manual_seed(derived_seed(cfg.run.seed, 6, 1))  # A re-initialised identically everywhere
             fold_lora_into_base(policy_lm)
-        warmup["eval_clean_reward_before"] = evaluate(acc, policy_lm, tokenizer, reward_fn, eval_examples, cfg)
+        warmup["eval_clean_reward_before"] = evaluate(acc, policy_lm, tokenizer, reward_fn, eval_examples, cfg,
+                                                      weights=policy_weights)
         if r.eval_greedy:
             warmup["eval_greedy_reward_before"] = evaluate(acc, policy_lm, tokenizer, reward_fn, eval_examples, cfg,
-                                                           temperature=0.0)
+                                                           temperature=0.0, weights=policy_weights)
+        policy_state = full_state_dict(acc, policy, prefix="lm.")  # FSDP: gathered on the main process
         if main:
             saved_lm = _plain_model(policy_lm) if use_lora else policy_lm
-            ckpt.atomic_directory(reference_dir, lambda d: (saved_lm.save_pretrained(d), tokenizer.save_pretrained(d)))
+            ckpt.atomic_directory(reference_dir, lambda d: (saved_lm.save_pretrained(d, state_dict=policy_state),
+                                                            tokenizer.save_pretrained(d)))
             del saved_lm
             ckpt.atomic_write_json(os.path.join(run_dir, WARMUP_FILE), warmup)
         acc.wait_for_everyone()
@@ -421,7 +512,7 @@ def _run_training(cfg: TrainConfig, accelerator=None) -> Dict[str, Any]:
         ref = TokenScorer(policy_lm)
         reference_mode = lambda: adapters_disabled(policy_lm)  # noqa: E731
     else:
-        if os.path.isdir(reference_dir) and (resume_from is not None or warmup_done):
+        if os.path.isdir(reference_dir) and (resume_from is not None or warmup_done or sharded):
             ref_lm = load_causal_lm(reference_dir, attn_implementation=attn, what="reference")
             ref_lm.requires_grad_(False).eval()
         else:
@@ -438,6 +529,8 @@ def _run_training(cfg: TrainConfig, accelerator=None) -> Dict[str, Any]:
         # under LoRA the critic's backbone starts from the policy's plain weights (adapters merged: the
         # warmed-up policy) and gets adapters of its own; its heads are trained in full
         source_lm = _plain_model(policy_lm) if use_lora and critic_path is None else policy_lm
+        if sharded and critic_path is None:  # the warmed-up policy's full weights, not its shards
+            source_lm = load_causal_lm(reference_dir, attn_implementation=attn, what="reference")
         value_model = build_value_model(source_lm, algo=a.algo,
                                         critic_path=critic_path, latent_dim=a.latent_dim, beta=a.beta,
                                         aux_input=a.aux_input, attn_implementation=attn)
@@ -455,9 +548,12 @@ def _run_training(cfg: TrainConfig, accelerator=None) -> Dict[str, Any]:
             return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / max(cfg.run.steps, 1)))
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
 
-    policy_opt = torch.optim.AdamW(trainable_parameters(policy), lr=o.lr, weight_decay=o.weight_decay)
-    policy_sched = schedule(policy_opt)
-    policy_opt, policy_sched = acc.prepare(policy_opt, policy_sched)
+    if policy_opt is None:
+        policy_opt = torch.optim.AdamW(trainable_parameters(policy), lr=o.lr, weight_decay=o.weight_decay)
+        policy_sched = schedule(policy_opt)
+        policy_opt, policy_sched = acc.prepare(policy_opt, policy_sched)
+    else:  # FSDP2: prepared with the policy above
+        policy_sched = acc.prepare(schedule(policy_opt))
     if has_critic:
         value_opt = torch.optim.AdamW(trainable_parameters(value_model), lr=o.critic_lr, weight_decay=o.weight_decay)
         value_sched = schedule(value_opt)
@@ -488,15 +584,18 @@ def _run_training(cfg: TrainConfig, accelerator=None) -> Dict[str, Any]:
         state = {
             "step": step,
             "data_position": step * (r.rollout_batch_size // cfg.samples_per_prompt),
-            "policy_optimizer": policy_opt.state_dict(),
+            # FSDP: the optimizer states are sharded DTensors; not saved (--resume is refused)
+            "policy_optimizer": None if sharded else policy_opt.state_dict(),
             "policy_scheduler": policy_sched.state_dict(),
-            "value_optimizer": value_opt.state_dict() if has_critic else None,
+            "value_optimizer": value_opt.state_dict() if has_critic and not sharded else None,
             "value_scheduler": value_sched.state_dict() if has_critic else None,
             "noise": noise.state_dict(),  # the same on every process (it acts on the global batch)
             "rng": gather_objects(acc, [ckpt.rng_state()]),  # one per process
             "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
         }
         path = None
+        policy_state = full_state_dict(acc, policy, prefix="lm.")  # collectives: every process
+        value_state = full_state_dict(acc, value_model) if has_critic else None
         if main:
             # under LoRA, merged copies: plain models that --model / --critic load like any other
             saved_policy = acc.unwrap_model(policy).lm
@@ -505,7 +604,7 @@ def _run_training(cfg: TrainConfig, accelerator=None) -> Dict[str, Any]:
                 saved_policy = _plain_model(saved_policy)
                 saved_value = _plain_model(saved_value) if has_critic else None
             path = ckpt.save_checkpoint(run_dir, step, policy=saved_policy, tokenizer=tokenizer,
-                                        value_model=saved_value,
+                                        value_model=saved_value, policy_state=policy_state, value_state=value_state,
                                         trainer_state=state, keep=cfg.run.keep_checkpoints)
         acc.wait_for_everyone()
         return path or os.path.join(run_dir, ckpt.CHECKPOINTS, ckpt.checkpoint_name(step))
@@ -531,7 +630,7 @@ def _run_training(cfg: TrainConfig, accelerator=None) -> Dict[str, Any]:
         idx = shard(prompts_for_step(len(train_examples), step, prompts_per_step, cfg.run.seed), rank, world)
         examples = [train_examples[i] for i in idx for _ in range(G)]
         first_row = rank * local_rollouts
-        with acc.autocast():
+        with policy_weights(), acc.autocast():
             rollout = generate(policy_lm, tokenizer, [e.prompt for e in examples], max_new_tokens=r.max_new_tokens,
                                temperature=r.temperature, device=acc.device, seed=derived_seed(cfg.run.seed, 2, step),
                                row_keys=torch.arange(first_row, first_row + local_rollouts))
@@ -670,8 +769,9 @@ def _run_training(cfg: TrainConfig, accelerator=None) -> Dict[str, Any]:
     final_step = max(cfg.run.steps, start_step)
     if resume_from is None or final_step > start_step:
         last_checkpoint = save(final_step)
-    after = evaluate(acc, policy_lm, tokenizer, reward_fn, eval_examples, cfg)
-    greedy_after = evaluate(acc, policy_lm, tokenizer, reward_fn, eval_examples, cfg, temperature=0.0) \
+    after = evaluate(acc, policy_lm, tokenizer, reward_fn, eval_examples, cfg, weights=policy_weights)
+    greedy_after = evaluate(acc, policy_lm, tokenizer, reward_fn, eval_examples, cfg, temperature=0.0,
+                            weights=policy_weights) \
         if r.eval_greedy else None
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     summary = {

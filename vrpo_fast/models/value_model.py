@@ -286,21 +286,26 @@ class ValueModel(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
 
     # ------------------------------------------------------------------ checkpoints
-    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+    def save_pretrained(self, save_directory: str, state_dict: Optional[dict] = None, **kwargs) -> None:
         """Save the backbone (Hugging Face format) and the heads into ``save_directory``.
 
         Heads go to ``value_head.safetensors`` with their constructor arguments in
-        ``value_head_config.json``; :meth:`from_pretrained` restores both.
+        ``value_head_config.json``; :meth:`from_pretrained` restores both. ``state_dict``: this
+        model's full weights gathered elsewhere (FSDP), written instead of the module's own tensors.
         """
         from safetensors.torch import save_file
 
         os.makedirs(save_directory, exist_ok=True)
-        self.backbone.save_pretrained(save_directory, **kwargs)
+        backbone_state = None if state_dict is None else \
+            {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
+        self.backbone.save_pretrained(save_directory, state_dict=backbone_state, **kwargs)
         config = dict(self.head_config)
         config["backbone_class"] = "causal_lm" if self._has_lm_head(self.backbone) else "base"
         with open(os.path.join(save_directory, HEAD_CONFIG_NAME), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.head_state_dict().items()}
+        heads = self.head_state_dict() if state_dict is None else \
+            {k: v for k, v in state_dict.items() if not k.startswith("backbone.")}
+        tensors = {k: v.detach().contiguous().cpu() for k, v in heads.items()}
         save_file(tensors, os.path.join(save_directory, HEAD_WEIGHTS_NAME))
 
     @staticmethod
