@@ -138,7 +138,7 @@ def test_global_token_weight_makes_the_mini_batch_token_mean():
     way DDP + accumulation average, is the token mean over the whole mini-batch."""
     import torch
 
-    from vrpo_fast.trainer import global_token_weight
+    from vrpo_fast.distributed import global_token_weight
 
     class FakeAccelerator:
         num_processes = 2

@@ -109,7 +109,7 @@ class _FakeAccelerator:
 ])
 def test_trainer_refuses_unsupported_setups_before_loading_anything(kind, fsdp2, flags, match):
     from vrpo_fast.config import TrainConfig
-    from vrpo_fast.trainer import check_distributed_support
+    from vrpo_fast.distributed import check_distributed_support
 
     cfg = TrainConfig.from_flat(**flags)
     with pytest.raises(ValueError, match=match):

@@ -7,20 +7,29 @@ That is what makes an N-process run equal a single-process run with the same glo
 floating-point rounding. The gathered tensors are small next to the models ([B, T] token ids and a
 few [B, T] floats).
 
+Also here: the loss normalisation that makes a split mini-batch train like a whole one
+(:func:`global_token_weight`), and what FSDP2 needs from the trainer (:func:`check_distributed_support`,
+:func:`generation_weights`, :func:`full_state_dict`).
+
 Shards are padded to the widest prompt and completion across processes first: prompts are
 left-padded and completions right-padded (see :mod:`vrpo_fast.rollout`), so a shard gets extra
 columns on both sides. Positions count real tokens only, so the extra padding changes no output.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+import contextlib
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from .rollout import Rollout
 
-__all__ = ["gather_rollout", "gather_objects", "pad_columns"]
+if TYPE_CHECKING:
+    from .config import TrainConfig
+
+__all__ = ["gather_rollout", "gather_objects", "pad_columns", "global_token_weight", "mean_over_processes",
+           "is_sharded", "check_distributed_support", "generation_weights", "full_state_dict"]
 
 
 def pad_columns(x: torch.Tensor, left: int, right: int, value=0) -> torch.Tensor:
@@ -72,3 +81,94 @@ def gather_rollout(accelerator, rollout: Rollout, tensors: Dict[str, torch.Tenso
     merged = Rollout(gather(rollout.input_ids, pad_token_id), gather(rollout.attention_mask), gather(rollout.response_mask),
                      P_max, gather_objects(accelerator, rollout.completions))
     return merged, {name: gather(t) for name, t in tensors.items()}
+
+
+def global_token_weight(accelerator, mask: torch.Tensor, total: Optional[torch.Tensor] = None,
+                        accumulation_steps: int = 1) -> torch.Tensor:
+    """Factor that turns this process's masked token mean into its share of the GLOBAL token mean.
+
+    DDP averages gradients over the processes and ``accelerator.backward`` divides by the
+    accumulation steps, so a mean of per-micro-batch means would weigh a token by how full its
+    micro-batch is. Scaling each micro-batch's mean by ``n_local * processes * accumulation / total``
+    (``total``: the tokens of the whole mini-batch, summed over processes when not given) makes the
+    update the token mean over the mini-batch, however it is split: what makes an N-process run match
+    a single-process run with the same global batch.
+    """
+    n_local = mask.sum().to(torch.float64)
+    if total is None:
+        total = accelerator.reduce(n_local.clone(), reduction="sum") if accelerator.num_processes > 1 else n_local
+    return (n_local * (accelerator.num_processes * accumulation_steps) / total.clamp_min(1)).float()
+
+
+def mean_over_processes(accelerator, values: Dict[str, Any]) -> Dict[str, float]:
+    """Average scalar metrics over the processes (one all-reduce for all of them)."""
+    names = list(values)
+    local = torch.tensor([float(values[k]) for k in names], dtype=torch.float64, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        local = accelerator.reduce(local, reduction="mean")
+    return dict(zip(names, local.tolist()))
+
+
+def is_sharded(accelerator) -> bool:
+    """Whether the trained models' parameters are split across processes (FSDP), not replicated (DDP)."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def check_distributed_support(cfg: "TrainConfig", accelerator) -> None:
+    """Refuse the accelerate setups this trainer does not handle, before any model is loaded."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise ValueError("DeepSpeed is not supported: the policy and the critic are two trained models and "
+                         "accelerator.backward drives a single DeepSpeed engine. Use examples/accelerate/fsdp.yaml "
+                         "(FSDP2) or ddp.yaml (docs/multi_gpu.md)")
+    if not is_sharded(accelerator):
+        return
+    if not accelerator.is_fsdp2:
+        raise ValueError("FSDP1 is not supported: set fsdp_version: 2 (examples/accelerate/fsdp.yaml)")
+    if cfg.model.lora_r:
+        raise ValueError("--lora-r is not supported with FSDP yet: use DDP (examples/accelerate/ddp.yaml)")
+    if cfg.run.resume:
+        raise ValueError("--resume is not supported with FSDP yet (optimizer states are sharded)")
+    world = accelerator.num_processes
+    # every process must call generate() as often as the others: each call all-gathers the weights
+    if cfg.task.num_eval % world or (cfg.optim.warmup_target > 0 and cfg.optim.warmup_probe_size % world):
+        raise ValueError(f"with FSDP, --num-eval ({cfg.task.num_eval}) and --warmup-probe-size "
+                         f"({cfg.optim.warmup_probe_size}) must be divisible by the number of processes ({world})")
+
+
+@contextlib.contextmanager
+def generation_weights(accelerator, prepared):
+    """Context in which ``unwrap_model(prepared).lm.generate`` runs under FSDP2.
+
+    The prepared root (the TokenScorer) owns the parameters outside the wrapped decoder layers
+    (embeddings, final norm, lm_head); calling its child LM directly skips the root's hooks, so they
+    are gathered here. The decoder layers gather their own. A no-op without FSDP.
+    """
+    if not is_sharded(accelerator):
+        yield
+        return
+    from torch.distributed.fsdp import fully_shard
+
+    root = accelerator.unwrap_model(prepared)
+    fully_shard.state(root)._lazy_init()  # FSDP2 needs the root initialised before any child runs
+    root.unshard()
+    try:
+        yield
+    finally:
+        root.reshard()
+
+
+def full_state_dict(accelerator, prepared, prefix: str = "") -> Optional[Dict[str, torch.Tensor]]:
+    """Under FSDP, the full weights of ``prepared`` (keys starting with ``prefix``, stripped), gathered on
+    the main process (a collective: call it on EVERY process); None without FSDP."""
+    if not is_sharded(accelerator):
+        return None
+    state = accelerator.get_state_dict(prepared)
+    # a tied weight (lm_head = embed_tokens) once, under the name save_pretrained itself keeps
+    module = accelerator.unwrap_model(prepared)
+    aliases = {n for n, _ in module.named_parameters(remove_duplicate=False)} - \
+        {n for n, _ in module.named_parameters()}
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and k not in aliases}

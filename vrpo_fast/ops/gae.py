@@ -33,7 +33,7 @@ import functools
 import math
 import numbers
 import warnings
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 
