@@ -157,3 +157,33 @@ def test_global_token_weight_makes_the_mini_batch_token_mean():
     combined /= FakeAccelerator.num_processes
     expected = sum(float(x[i, j]) for i in range(8) for j in range(5) if mask[i, j]) / int(mask.sum())
     assert abs(float(combined) - expected) < 1e-6
+
+
+@pytest.mark.parametrize("argv, env, expected", [
+    (["accelerate", "launch", "--num_processes", "2", "-m", "vrpo_fast.train"], {"ACCELERATE_USE_CPU": "False"}, 2),
+    (["accelerate", "launch", "--num_processes=4", "x.py"], {"ACCELERATE_USE_CPU": "True"}, 4),
+    (["accelerate", "launch", "x.py"], {"ACCELERATE_USE_CPU": "False"}, None),
+    (["accelerate", "launch", "--num_processes", "2", "x.py"], {}, None),  # not the simple launcher
+    (["torchrun", "--num_processes", "2"], {"ACCELERATE_USE_CPU": "False", "WORLD_SIZE": "2"}, None),
+])
+def test_requested_processes_reads_the_launchers_command_line(monkeypatch, argv, env, expected):
+    """`accelerate launch --num_processes 2` without --multi_gpu starts one process on a CPU box; the
+    trainer reads the launcher's --num_processes to warn about it."""
+    import psutil
+
+    from vrpo_fast.distributed import requested_processes
+
+    for k in ("ACCELERATE_USE_CPU", "WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+
+    class Parent:
+        def __init__(self, pid):
+            pass
+
+        def cmdline(self):
+            return argv
+
+    monkeypatch.setattr(psutil, "Process", Parent)
+    assert requested_processes() == expected

@@ -18,6 +18,7 @@ columns on both sides. Positions count real tokens only, so the extra padding ch
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -28,8 +29,33 @@ from .rollout import Rollout
 if TYPE_CHECKING:
     from .config import TrainConfig
 
-__all__ = ["gather_rollout", "gather_objects", "pad_columns", "global_token_weight", "mean_over_processes",
+__all__ = ["requested_processes", "gather_rollout", "gather_objects", "pad_columns", "global_token_weight", "mean_over_processes",
            "is_sharded", "check_distributed_support", "generation_weights", "full_state_dict"]
+
+
+def requested_processes() -> Optional[int]:
+    """``--num_processes`` of the ``accelerate launch`` that started this process, when it used the
+    simple (single-process) launcher; None otherwise.
+
+    On a machine without GPUs, ``accelerate launch --num_processes 2 ...`` (without ``--multi_gpu``)
+    silently starts ONE process. The result is the same (N processes match one process with the same
+    global batch), only slower, so the trainer warns instead of failing. Reads the parent's command
+    line (Linux /proc via psutil, which accelerate depends on); None when that is not possible.
+    """
+    if "ACCELERATE_USE_CPU" not in os.environ or "WORLD_SIZE" in os.environ:
+        return None  # not accelerate's simple launcher (torchrun sets WORLD_SIZE)
+    try:
+        import psutil
+
+        argv = psutil.Process(os.getppid()).cmdline()
+    except Exception:  # noqa: BLE001 - best effort: no psutil, no permission, a vanished parent
+        return None
+    for i, arg in enumerate(argv):
+        value = arg.split("=", 1)[1] if arg.startswith("--num_processes=") else \
+            (argv[i + 1] if arg == "--num_processes" and i + 1 < len(argv) else None)
+        if value is not None:
+            return int(value) if value.isdigit() else None
+    return None
 
 
 def pad_columns(x: torch.Tensor, left: int, right: int, value=0) -> torch.Tensor:

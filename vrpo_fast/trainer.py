@@ -43,7 +43,8 @@ from vrpo_fast.tasks.noise import make_noise
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .distributed import (check_distributed_support, full_state_dict, gather_objects, gather_rollout,
-                          generation_weights, global_token_weight, is_sharded, mean_over_processes)
+                          generation_weights, global_token_weight, is_sharded, mean_over_processes,
+                          requested_processes)
 from .metrics import MetricsWriter, plot_curves
 from .models.loading import build_value_model, ensure_pad_token, frozen_copy, load_causal_lm, load_policy, \
     resolve_attn_implementation
@@ -317,6 +318,11 @@ def _run_training(cfg: TrainConfig, accelerator=None) -> Dict[str, Any]:
     acc = accelerator or make_accelerator(cfg)
     cfg.validate(acc.num_processes)
     check_distributed_support(cfg, acc)
+    wanted = requested_processes() if acc.num_processes == 1 else None
+    if wanted and wanted > 1:
+        logger.warning("accelerate launch was given --num_processes %d but started ONE process (on a machine "
+                       "without GPUs it needs --multi_gpu; see the README). Training continues in one process: "
+                       "the same results, without the parallel speed-up.", wanted)
     sharded = is_sharded(acc)
     rank, world = acc.process_index, acc.num_processes
     main = acc.is_main_process
