@@ -429,14 +429,45 @@ def test_lora_run_trains_only_the_adapters(tmp_path):
 
 
 @requires_peft
+def test_lora_run_resumes_to_the_uninterrupted_result(tmp_path):
+    """A LoRA run stopped after 2 steps and resumed to 4 logs the metrics and saves the weights of the
+    run that was never stopped: the checkpoint carries the adapters (policy, critic) and the critic's
+    heads, and the base is the saved warm-up. A full fine-tuning checkpoint is refused under --lora-r."""
+    from safetensors.torch import load_file
+
+    from vrpo_fast.metrics import read_metrics, without_timings
+    from vrpo_fast.train import TrainConfig, run_training
+
+    def config(name, **kw):
+        return TrainConfig.from_flat(**{**LORA_RUN, "steps": 4, "save_every": 2, "output_dir": str(tmp_path / name),
+                                        **kw})
+
+    straight = run_training(config("a"))
+    run_training(config("b", steps=2))
+    resumed = run_training(config("b", resume=True))
+    a, b = without_timings(read_metrics(straight["metrics_path"])), without_timings(read_metrics(resumed["metrics_path"]))
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert a == b
+    assert resumed["eval_clean_reward_after"] == straight["eval_clean_reward_after"]
+    for sub in ("policy/model.safetensors", "value/model.safetensors", "value/value_head.safetensors"):
+        wa = load_file(os.path.join(straight["checkpoint"], sub))
+        wb = load_file(os.path.join(resumed["checkpoint"], sub))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), sub
+
+    full = TrainConfig.from_flat(**{**LORA_RUN, "lora_r": 0, "steps": 2, "output_dir": str(tmp_path / "c")})
+    run_training(full)
+    with pytest.raises(ValueError, match="not written by a --lora-r run"):
+        run_training(TrainConfig.from_flat(**{**LORA_RUN, "steps": 3, "output_dir": str(tmp_path / "c"),
+                                              "save_every": 1, "resume": True}))
+
+
+@requires_peft
 def test_lora_options_are_validated(tmp_path):
     from vrpo_fast.train import TrainConfig, build_parser
 
     help_text = build_parser().format_help()
     for flag in ("--lora-r", "--lora-alpha", "--lora-dropout", "--lora-target-modules", "--gguf-file", "smollm2-135m"):
         assert flag in help_text, flag
-    with pytest.raises(ValueError, match="--resume is not supported with --lora-r"):
-        TrainConfig.from_flat(**LORA_RUN, resume=True).validate()
     with pytest.raises(ValueError, match="--lora-r must be >= 0"):
         TrainConfig.from_flat(lora_r=-1).validate()
     with pytest.raises(ValueError, match="--gguf-file needs --model"):

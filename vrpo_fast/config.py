@@ -272,9 +272,5 @@ class TrainConfig:
 
             if importlib.util.find_spec("peft") is None:
                 raise ValueError("--lora-r needs the 'peft' package: pip install -e '.[lora]' (or pip install peft)")
-        if m.lora_r and self.run.resume:
-            raise ValueError("--resume is not supported with --lora-r yet (checkpoints hold merged weights, not the "
-                             "adapter state): start a new run, or continue full fine-tuning from a checkpoint's "
-                             "policy/ directory with --model")
         if not (self.task.reward == "rule" or self.task.reward.startswith("model:")):
             raise ValueError(f"--reward must be 'rule' or 'model:PATH', got {self.task.reward!r}")

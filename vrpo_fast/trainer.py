@@ -348,7 +348,14 @@ def _run_training(cfg: TrainConfig, accelerator=None) -> Dict[str, Any]:
     resume_from = ckpt.latest_checkpoint(run_dir) if cfg.run.resume else None
     reference_dir = os.path.join(run_dir, REFERENCE_DIR)
     warmup_done = cfg.run.resume and os.path.isfile(os.path.join(run_dir, WARMUP_FILE))
-    if resume_from is not None:
+    use_lora = cfg.model.lora_r > 0
+    # under LoRA a checkpoint's trained state is its adapters (and the critic's heads): the frozen base
+    # is the warmed-up policy in reference/, and the adapters are loaded onto it below
+    lora_state = ckpt.load_trainer_state(resume_from).get("lora") if resume_from is not None and use_lora else None
+    if resume_from is not None and use_lora and lora_state is None:
+        raise ValueError(f"{resume_from} was not written by a --lora-r run (it holds no adapter state): resume "
+                         f"it without --lora-r")
+    if resume_from is not None and not use_lora:
         policy_lm = load_causal_lm(os.path.join(resume_from, "policy"), attn_implementation=attn, what="checkpoint")
         tokenizer = ensure_pad_token(_load_tok(os.path.join(resume_from, "policy")), policy_lm)
     elif warmup_done:
@@ -358,12 +365,13 @@ def _run_training(cfg: TrainConfig, accelerator=None) -> Dict[str, Any]:
         policy_lm, tokenizer = load_policy(cfg.model.model, attn_implementation=attn, seed=cfg.run.seed,
                                            tiny_hidden_size=cfg.model.tiny_hidden_size,
                                            tiny_layers=cfg.model.tiny_layers, gguf_file=cfg.model.gguf_file)
-    use_lora = cfg.model.lora_r > 0  # validate() refused --resume with LoRA: the policy here is fresh
     if use_lora:
-        from .models.lora import apply_lora, count_parameters
+        from .models.lora import apply_lora, count_parameters, load_lora_state_dict
 
         torch.manual_seed(derived_seed(cfg.run.seed, 6))  # the same adapter init on every process
         apply_lora(policy_lm, **_lora_kwargs(cfg))
+        if lora_state is not None:
+            load_lora_state_dict(policy_lm, lora_state["policy"])
         if main:
             counts = count_parameters(policy_lm)
             print(f"[vrpo_fast] LoRA r={cfg.model.lora_r}: {counts['trainable']:,} of {counts['total']:,} policy "
@@ -441,11 +449,13 @@ def _run_training(cfg: TrainConfig, accelerator=None) -> Dict[str, Any]:
     value_model = None
     if has_critic:
         seed_everything(derived_seed(cfg.run.seed, 4))  # the same fresh heads however we got here
-        critic_path = os.path.join(resume_from, "value") if resume_from is not None else cfg.model.critic
+        resumed_critic = resume_from is not None and not use_lora
+        critic_path = os.path.join(resume_from, "value") if resumed_critic else cfg.model.critic
         # under LoRA the critic's backbone starts from the policy's plain weights (adapters merged: the
         # warmed-up policy) and gets adapters of its own; its heads are trained in full
         source_lm = _plain_model(policy_lm) if use_lora and critic_path is None else policy_lm
-        if sharded and critic_path is None:  # the warmed-up policy's full weights, not its shards
+        if (sharded or lora_state is not None) and critic_path is None:
+            # the warmed-up policy's full weights: not the FSDP shards, not the resumed policy's adapters
             source_lm = load_causal_lm(reference_dir, attn_implementation=attn, what="reference")
         value_model = build_value_model(source_lm, algo=a.algo,
                                         critic_path=critic_path, latent_dim=a.latent_dim, beta=a.beta,
@@ -455,6 +465,9 @@ def _run_training(cfg: TrainConfig, accelerator=None) -> Dict[str, Any]:
             from .models.lora import apply_lora
 
             apply_lora(value_model.backbone, **_lora_kwargs(cfg))
+            if lora_state is not None:
+                load_lora_state_dict(value_model.backbone, lora_state["value_adapters"])
+                _load_heads(value_model, lora_state["value_heads"])
         if cfg.model.gradient_checkpointing:
             value_model.gradient_checkpointing_enable()
 
@@ -508,6 +521,8 @@ def _run_training(cfg: TrainConfig, accelerator=None) -> Dict[str, Any]:
             "noise": noise.state_dict(),  # the same on every process (it acts on the global batch)
             "rng": gather_objects(acc, [ckpt.rng_state()]),  # one per process
             "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+            "lora": _lora_checkpoint(acc.unwrap_model(policy).lm,
+                                     acc.unwrap_model(value_model) if has_critic else None) if use_lora else None,
         }
         path = None
         policy_state = full_state_dict(acc, policy, prefix="lm.")  # collectives: every process
@@ -727,6 +742,25 @@ def _recent_train_rewards(metrics_path: str, last: int = 10) -> Dict[str, float]
         return {}
     return {f"train_clean_reward_last{len(tail)}": sum(x["clean_reward"] for x in tail) / len(tail),
             f"train_noisy_reward_last{len(tail)}": sum(x["noisy_reward"] for x in tail) / len(tail)}
+
+
+def _lora_checkpoint(policy_lm, value_model) -> Dict[str, Any]:
+    """What a LoRA run trains (policy adapters; critic adapters and heads): enough to resume on the base."""
+    from .models.lora import lora_state_dict
+
+    out = {"policy": lora_state_dict(policy_lm)}
+    if value_model is not None:
+        out["value_adapters"] = lora_state_dict(value_model.backbone)
+        out["value_heads"] = {k: v.detach().cpu().clone() for k, v in value_model.head_state_dict().items()}
+    return out
+
+
+def _load_heads(value_model, heads: Dict[str, torch.Tensor]) -> None:
+    missing, unexpected = value_model.load_state_dict(heads, strict=False)
+    missing = [k for k in missing if not k.startswith("backbone.")]
+    if missing or unexpected:
+        raise ValueError(f"the checkpoint's value heads do not fit the critic: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]} (was it written with other --latent-dim / --algo?)")
 
 
 def _plain_model(model):
