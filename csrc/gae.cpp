@@ -75,30 +75,24 @@ inline bool mask_on(M m) { return m != M(0); }
 
 // ---- validation: separate sweeps over a row (vectorisable; the row then sits in cache for the
 // recursion), so the recursion loop itself carries no checks.
-inline bool any_nonfinite(const float* x, int64_t n, int64_t stride) {
-    uint32_t bad = 0;
-    if (stride == 1) {
-        for (int64_t t = 0; t < n; ++t) {
-            uint32_t bits;
-            std::memcpy(&bits, x + t, sizeof bits);
-            bad |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);  // exponent all ones
-        }
-    } else {
-        for (int64_t t = 0; t < n; ++t) bad |= static_cast<uint32_t>(!std::isfinite(x[t * stride]));
-    }
-    return bad != 0;
-}
+// IEEE-754 layout per float type: the same-size unsigned integer and the exponent mask (a value is
+// inf or NaN exactly when its exponent bits are all ones).
+template <typename V> struct FloatBits;
+template <> struct FloatBits<float> { using U = uint32_t; static constexpr U kExp = 0x7f800000u; };
+template <> struct FloatBits<double> { using U = uint64_t; static constexpr U kExp = 0x7ff0000000000000ull; };
 
-inline bool any_nonfinite(const double* x, int64_t n, int64_t stride) {
-    uint64_t bad = 0;
-    if (stride == 1) {
+template <typename V>
+inline bool any_nonfinite(const V* x, int64_t n, int64_t stride) {
+    using U = typename FloatBits<V>::U;
+    U bad = 0;
+    if (stride == 1) {  // bit test: branch-free, vectorisable
         for (int64_t t = 0; t < n; ++t) {
-            uint64_t bits;
+            U bits;
             std::memcpy(&bits, x + t, sizeof bits);
-            bad |= static_cast<uint64_t>((bits & 0x7ff0000000000000ull) == 0x7ff0000000000000ull);
+            bad |= static_cast<U>((bits & FloatBits<V>::kExp) == FloatBits<V>::kExp);
         }
     } else {
-        for (int64_t t = 0; t < n; ++t) bad |= static_cast<uint64_t>(!std::isfinite(x[t * stride]));
+        for (int64_t t = 0; t < n; ++t) bad |= static_cast<U>(!std::isfinite(x[t * stride]));
     }
     return bad != 0;
 }
