@@ -118,3 +118,80 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> 
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Measured limits ("roofline"): what the device in hand actually reaches, so that a benchmark can
+# state achieved GB/s or TFLOP/s as a fraction of a measured number instead of a datasheet constant.
+# ----------------------------------------------------------------------------------------------
+def measure_copy_gbps(device="cuda", nbytes: int | None = None) -> float:
+    """Device-to-device copy bandwidth in GB/s (1e9 bytes/s), counting bytes read + bytes written.
+
+    ``dst.copy_(src)`` of ``nbytes`` of fp32 random data (default 1 GiB on CUDA, far beyond any L2;
+    64 MiB on CPU), timed with :func:`time_ms` (``do_bench`` median on CUDA).
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    if nbytes is None:
+        nbytes = (1 << 30) if cuda else (64 << 20)
+    n = max(1, int(nbytes) // 4)
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device=device, warmup=2, reps=5)
+    del src, dst
+    if cuda:
+        torch.cuda.empty_cache()
+    return 2 * n * 4 / ms / 1e6
+
+
+def measure_matmul_tflops(device="cuda", dtype=torch.bfloat16, *, n: int | None = None,
+                          allow_tf32: bool = False) -> float:
+    """Dense ``n x n @ n x n`` GEMM rate in TFLOP/s (2 n^3 flops), random inputs (zeros run faster).
+
+    Default ``n`` = 8192 on CUDA, 512 on CPU. ``allow_tf32`` (fp32 only) times fp32 GEMMs with
+    TF32 tensor cores (``torch.set_float32_matmul_precision("high")``); the previous setting is
+    restored afterwards.
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if n is None:
+        n = 8192 if cuda else 512
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if allow_tf32 else "highest")
+    try:
+        ms = time_ms(lambda: torch.mm(a, b, out=out), device=device, warmup=1, reps=3)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    del a, b, out
+    if cuda:
+        torch.cuda.empty_cache()
+    return 2.0 * n**3 / ms / 1e9
+
+
+_LIMITS_CACHE: dict = {}
+
+
+def measured_limits(device="cuda") -> dict:
+    """``{"copy_gbps", "bf16_tflops", "fp32_tflops"}`` for ``device``, measured once per process.
+
+    For benchmarks that print "achieved / measured limit": a few hundred ms on a GPU, ~1 s on CPU.
+    """
+    key = str(torch.device(device))
+    if key not in _LIMITS_CACHE:
+        _LIMITS_CACHE[key] = {
+            "copy_gbps": measure_copy_gbps(device),
+            "bf16_tflops": measure_matmul_tflops(device, torch.bfloat16),
+            "fp32_tflops": measure_matmul_tflops(device, torch.float32),
+        }
+    return _LIMITS_CACHE[key]
+
+
+def pct_of(value: float, limit: float) -> str:
+    """``"83%"`` of a measured limit (``"-"`` when the limit is unknown or zero)."""
+    if not limit or limit <= 0:
+        return "-"
+    return f"{100.0 * value / limit:.0f}%"

@@ -82,3 +82,19 @@ def test_arith_task_errors():
         get_task("arith", max_operand=2, num_eval=100)
     with pytest.raises(ValueError, match="completions"):
         get_task("arith").reward(get_task("arith").eval_examples()[:2], ["1"])
+
+
+def test_char_tokenizers_keep_their_id_layouts():
+    """The policy's and the reward models' tokenizers come from one builder; their ids must not move
+    (cached reward models and saved checkpoints depend on them)."""
+    from vrpo_fast.models.tiny import CHARACTERS, build_char_tokenizer
+    from vrpo_fast.tasks.reward_model import build_reward_tokenizer
+
+    tok, rm = build_char_tokenizer(), build_reward_tokenizer()
+    assert [tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id] == [0, 1, 2, 3]
+    assert [rm.pad_token_id, rm.unk_token_id, rm.bos_token_id, rm.sep_token_id, rm.eos_token_id] == [0, 1, 2, 3, 4]
+    assert len(tok) == 4 + len(CHARACTERS) and len(rm) == 5 + len(CHARACTERS)
+    a, b = CHARACTERS.index("a"), CHARACTERS.index(" ")
+    assert tok("a a\x0b")["input_ids"] == [1, 4 + a, 4 + b, 4 + a, 3]  # <bos>, chars, <unk> for \x0b
+    assert rm("a", " a")["input_ids"] == [2, 5 + a, 3, 5 + b, 5 + a, 4]  # <bos> A <sep> B <eos>
+    assert tok.padding_side == "left" and rm.padding_side == "right" and rm.truncation_side == "left"

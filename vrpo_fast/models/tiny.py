@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import string
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -18,31 +19,38 @@ SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
 CHARACTERS = tuple(c for c in string.printable if c not in "\x0b\x0c")
 
 
+def char_tokenizer(specials: Sequence[str], *, single: str, pair: str, padding_side: str,
+                   truncation_side: str = "right", **roles: str):
+    """A character-level ``PreTrainedTokenizerFast``: ``specials`` first (ids 0, 1, ...), then one id per
+    entry of :data:`CHARACTERS` (anything else is the ``unk_token``).
+
+    ``single`` / ``pair`` are ``tokenizers`` templates (e.g. ``"<bos> $A"``) and ``roles`` name the
+    special tokens (``pad_token=..., bos_token=..., eos_token=..., unk_token=..., sep_token=...``).
+    Decoding concatenates characters. The embedded policy's tokenizer and the tiny reward models'
+    are both built here.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(tuple(specials) + CHARACTERS)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=roles["unk_token"]))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per char
+    core.decoder = decoders.Fuse()
+    in_templates = [t for t in specials if t in single.split() or t in pair.split()]
+    core.post_processor = processors.TemplateProcessing(
+        single=single, pair=pair, special_tokens=[(t, vocab[t]) for t in in_templates])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, padding_side=padding_side, truncation_side=truncation_side,
+        clean_up_tokenization_spaces=False, model_max_length=512, **roles)
+
+
 def build_char_tokenizer():
     """Character-level tokenizer: special tokens first (pad=0, bos=1, eos=2, unk=3), then one id per char.
 
     Encoding prepends ``<bos>`` (as Llama tokenizers do); decoding concatenates characters.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARACTERS)}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    core.pre_tokenizer = pre_tokenizers.FixedLength(length=1)
-    core.decoder = decoders.Fuse()
-    core.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        pad_token=PAD,
-        bos_token=BOS,
-        eos_token=EOS,
-        unk_token=UNK,
-        padding_side="left",
-        clean_up_tokenization_spaces=False,
-        model_max_length=512,
-    )
+    return char_tokenizer(SPECIAL_TOKENS, single=f"{BOS} $A", pair=f"{BOS} $A $B", padding_side="left",
+                          pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK)
 
 
 @dataclass

@@ -20,7 +20,6 @@ import math
 import os
 import random
 import shutil
-import string
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -32,7 +31,6 @@ import torch.nn.functional as F
 from ..cache import cache_root  # re-exported: built-in reward models live under it
 
 PAD, UNK, BOS, SEP, EOS = "<pad>", "<unk>", "<bos>", "<sep>", "<eos>"
-_CHARS = tuple(c for c in string.printable if c not in "\x0b\x0c")
 
 
 def build_reward_tokenizer():
@@ -41,23 +39,11 @@ def build_reward_tokenizer():
     The ``<eos>`` closing every sequence is the token the classification head reads, so the score
     always sees where the reply ended (an empty or cut-off reply looks different from a full one).
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from ..models.tiny import char_tokenizer
 
-    specials = (PAD, UNK, BOS, SEP, EOS)
-    vocab = {t: i for i, t in enumerate(specials + _CHARS)}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per char
-    core.decoder = decoders.Fuse()
-    core.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A {EOS}",
-        pair=f"{BOS} $A {SEP} $B {EOS}",
-        special_tokens=[(t, vocab[t]) for t in (BOS, SEP, EOS)],
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token=PAD, unk_token=UNK, bos_token=BOS, eos_token=EOS, sep_token=SEP,
-        padding_side="right", truncation_side="left", clean_up_tokenization_spaces=False, model_max_length=512,
-    )
+    return char_tokenizer((PAD, UNK, BOS, SEP, EOS), single=f"{BOS} $A {EOS}", pair=f"{BOS} $A {SEP} $B {EOS}",
+                          padding_side="right", truncation_side="left", pad_token=PAD, unk_token=UNK,
+                          bos_token=BOS, eos_token=EOS, sep_token=SEP)
 
 
 @dataclass
