@@ -109,24 +109,29 @@ class KeyedSampler:
     standard Gumbel from :func:`vrpo_fast.ops._random.keyed_gumbel`: an exact sample from
     ``softmax(logits / T)``, and a pure function of the row's key, not of the other rows in the batch,
     their padding, or the process the row is on. That is what lets a data-parallel run sample exactly
-    the tokens of a single-process run with the same global batch. Used with greedy decoding
-    (``do_sample=False``), which then takes the argmax of what this returns.
+    the tokens of a single-process run with the same global batch. The draw is
+    :func:`vrpo_fast.ops.keyed_sample` (a Triton kernel on CUDA that reads the logits once); it returns
+    scores that are 0 at the drawn token and -inf elsewhere, for greedy decoding (``do_sample=False``).
     """
 
     def __init__(self, seed: int, keys: torch.Tensor, prompt_length: int, temperature: float):
         if not temperature > 0:
             raise ValueError(f"KeyedSampler needs temperature > 0, got {temperature}")
-        self.seed, self.keys, self.prompt_length, self.temperature = int(seed), keys.view(-1, 1), prompt_length, temperature
+        self.seed, self.keys, self.prompt_length, self.temperature = int(seed), keys.view(-1), prompt_length, temperature
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        from vrpo_fast.ops._random import keyed_gumbel
+        from vrpo_fast.ops import keyed_sample
 
         if input_ids.shape[0] != self.keys.shape[0]:
             raise ValueError(f"KeyedSampler got {input_ids.shape[0]} rows but {self.keys.shape[0]} keys")
+        if self.keys.device != scores.device:
+            self.keys = self.keys.to(scores.device)  # once, not every step
         position = input_ids.shape[1] - self.prompt_length  # the index of the token being sampled
-        vocab = torch.arange(scores.shape[-1], device=scores.device)
-        noise = keyed_gumbel(self.seed, self.keys.to(scores.device), position, vocab[None, :])
-        return scores.float() / self.temperature + noise
+        # fused on CUDA: the logits are read once, no [B, V] noise tensor
+        tokens = keyed_sample(scores, self.keys.view(-1), seed=self.seed, position=position,
+                              temperature=self.temperature)
+        # greedy decoding (do_sample=False) takes the argmax: 0 at the sampled token, -inf elsewhere
+        return torch.full_like(scores, float("-inf")).scatter_(1, tokens[:, None], 0.0)
 
 
 def _check_keys(row_keys, n: int) -> torch.Tensor:

@@ -6,11 +6,14 @@ Every op also takes ``backend="auto" | "triton" | "torch"`` to force a path.
 """
 from .gae import gae, gae_reference
 from .linear_stats import linear_logprobs_entropy, linear_logprobs_entropy_reference
+from .sampling import keyed_sample, keyed_sample_reference
 from .sequence import masked_mean, sequence_perplexity
 from .token_stats import token_logprobs_entropy, token_logprobs_entropy_reference
 from .vib import vib_sample_kl, vib_sample_kl_reference
 
 __all__ = [
+    "keyed_sample",
+    "keyed_sample_reference",
     "token_logprobs_entropy",
     "token_logprobs_entropy_reference",
     "linear_logprobs_entropy",

@@ -62,8 +62,14 @@ def keyed_hash(seed: int, *keys: Union[torch.Tensor, int]) -> torch.Tensor:
 
 
 def _unit(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """24 hash bits -> a float in (0, 1), never 0 or 1 (so logs stay finite)."""
-    return (bits.to(dtype) + 0.5) * (2.0 ** -24)
+    """24 hash bits -> a float in (0, 1), never 0 or 1 (so logs stay finite).
+
+    In fp32, ``bits + 0.5`` needs 25 significant bits once ``bits >= 2**23`` and rounds to even:
+    ``bits = 2**24 - 1`` would give exactly 1.0 (an infinite Gumbel), so the top is clamped to the
+    largest float below 1 (the fused sampling kernel clamps the same way).
+    """
+    u = (bits.to(dtype) + 0.5) * (2.0 ** -24)
+    return u.clamp_(max=1.0 - torch.finfo(dtype).eps / 2)
 
 
 def keyed_uniform(seed: int, *keys, dtype: torch.dtype = torch.float32) -> torch.Tensor:
