@@ -34,7 +34,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    cpu_peak_extra_bytes, cuda_peak_extra_bytes, fmt_bytes, machine, markdown_table, time_ms,
+    cpu_peak_extra_bytes, cuda_peak_extra_bytes, fmt_bytes, machine, markdown_table, measure_copy_gbps, pct_of,
+    time_ms,
 )
 
 GAMMA, LAM = 1.0, 0.95
@@ -103,12 +104,13 @@ def main():
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement (spawns processes)")
     ap.add_argument("--reps", type=int, default=30, help="timed repeats (loop and fallback: at most 3)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (also used by the C++ pass); 0: default")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
+    device = torch.device(args.device).type
+    cuda = device == "cuda"
     shapes = [(8, 128), (64, 512)] if args.quick else [(8, 512), (8, 4096), (256, 512), (256, 2048), (256, 4096)]
     reps = 3 if args.quick else args.reps
     ops_gae = importlib.import_module("vrpo_fast.ops.gae")
@@ -120,6 +122,8 @@ def main():
     runs += [("cpp", "cpu"), ("cpp+whiten", "cpu")] if has_cpp else []
     runs += [("memcpy", device)] + ([("memcpy", "cpu")] if cuda and has_cpp else [])
 
+    # Bandwidth limit of each device used, measured here (large copy, read + write).
+    copy_gbps = {dev: measure_copy_gbps(dev) for dev in sorted({dev for _, dev in runs})}
     rows = []
     for B, T in shapes:
         op_bytes = B * T * (4 + 4 + 1 + 4 + 4)
@@ -152,14 +156,16 @@ def main():
             ms = times[impl, dev]
             rows.append([
                 f"{B}x{T}", impl, dev, f"{ms:.3f}", f"{best[impl, dev]:.3f}", f"{op_bytes / ms / 1e6:.2f}",
+                pct_of(op_bytes / ms / 1e6, copy_gbps[dev]),
                 f"{times['loop', device] / ms:.1f}x", f"{ms / times['memcpy', dev]:.2f}x", peak,
             ])
         print(f"done {B}x{T}", file=sys.stderr, flush=True)
 
     print(f"\n### GAE forward, fp32 rewards/values, bool mask, gamma={GAMMA}, lam={LAM}\n")
-    print(f"Machine: {machine()}\n")
+    print(f"Machine: {machine()}; measured copy bandwidth: "
+          + ", ".join(f"{dev} {g:.0f} GB/s" for dev, g in copy_gbps.items()) + "\n")
     print(markdown_table(
-        ["B x T", "impl", "device", "time (ms, median)", "best (ms)", "GB/s (median)",
+        ["B x T", "impl", "device", "time (ms, median)", "best (ms)", "GB/s (median)", "% of copy",
          f"speed-up vs loop ({device})", "time / memcpy (same device)", "peak extra mem"],
         rows,
     ))

@@ -123,7 +123,7 @@ def main(argv=None):
     copy_mib = args.copy_mib or ((256 if args.quick else 1024) if cuda else (16 if args.quick else 64))
     n = args.n or ((4096 if args.quick else 8192) if cuda else (256 if args.quick else 512))
 
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     details = device_details(device)
     results = measure(device, copy_mib << 20, n, log=lambda s: print(s, file=sys.stderr, flush=True))
     print(render(results, details, date))

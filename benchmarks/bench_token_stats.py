@@ -38,6 +38,8 @@ from _common import (  # noqa: E402
     fmt_bytes,
     machine,
     markdown_table,
+    measure_matmul_tflops,
+    pct_of,
     time_ms,
 )
 
@@ -206,8 +208,8 @@ def bench_token(args, device, dtype_name, N, V, table, notes):
                 base_ms, base_mem = ms, mem
             gbps = traffic / ms / 1e6
             extra = ""
-            if on_cuda and not backward:
-                extra = f" ({100 * gbps / copy_gbps:.0f}% of copy)"
+            if on_cuda:  # fwd+bwd moves 3 N x V (read, re-read, write): the same copy is its limit
+                extra = f" ({pct_of(gbps, copy_gbps)} of copy)"
             table.append([
                 f"{N}x{V}", dtype_name, variant, mode, f"{ms:.2f}", f"{gbps:.1f} GB/s{extra}",
                 fmt_bytes(mem) if mem is not None else "-",
@@ -219,9 +221,13 @@ def bench_token(args, device, dtype_name, N, V, table, notes):
                  f"({restore_ms:.2f} ms)")
 
 
-def bench_linear(args, device, dtype_name, M, H, V, table):
+def bench_linear(args, device, dtype_name, M, H, V, table, notes):
     flops = {False: 2 * M * H * V, True: 8 * M * H * V}
     kw = dict(warmup=args.warmup, reps=args.reps)
+    # Limit: this device's dense GEMM rate in the same dtype, measured here (CUDA: 8192^3).
+    gemm_tflops = measure_matmul_tflops(device, dtype_name) if device.type == "cuda" else None
+    if gemm_tflops:
+        notes.append(f"measured {dtype_name} GEMM (8192^3): {gemm_tflops:.0f} TFLOP/s")
     for backward in (False, True):
         mode = "fwd+bwd" if backward else "fwd"
         base_ms = base_mem = None
@@ -238,9 +244,11 @@ def bench_linear(args, device, dtype_name, M, H, V, table):
                 continue
             if variant == "naive-linear":
                 base_ms, base_mem = ms, mem
+            tflops = flops[backward] / ms / 1e9
+            of_gemm = f" ({pct_of(tflops, gemm_tflops)} of GEMM)" if gemm_tflops else ""
             table.append([
                 f"M={M} H={H} V={V}", dtype_name, variant, mode, f"{ms:.2f}",
-                f"{flops[backward] / ms / 1e9:.2f} TFLOP/s", fmt_bytes(mem) if mem is not None else "-",
+                f"{tflops:.2f} TFLOP/s{of_gemm}", fmt_bytes(mem) if mem is not None else "-",
                 f"{ms / base_ms:.2f}x" if base_ms else "-",
                 f"{mem / base_mem:.2f}x" if (mem is not None and base_mem) else "-",
             ])
@@ -281,7 +289,7 @@ def main():
     bench_token(args, device, dtype_name, N, V, table, notes)
     if not args.no_linear:
         print(f"fused linear M={lin[0]} H={lin[1]} V={lin[2]} {dtype_name}", flush=True)
-        bench_linear(args, device, dtype_name, *lin, table)
+        bench_linear(args, device, dtype_name, *lin, table, notes)
 
     print()
     print(f"Machine: {machine()}; median of {args.reps} reps after {args.warmup} warm-up (CPU) / do_bench (CUDA)")

@@ -43,7 +43,9 @@ from dataclasses import dataclass
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import cpu_peak_extra_bytes, fmt_bytes, machine, markdown_table  # noqa: E402
+from _common import (  # noqa: E402
+    cpu_peak_extra_bytes, fmt_bytes, machine, markdown_table, measure_matmul_tflops, pct_of,
+)
 
 from vrpo_fast.algorithms.advantages import gae_advantages, token_level_rewards  # noqa: E402
 from vrpo_fast.algorithms.losses import policy_loss, vrpo_value_loss  # noqa: E402
@@ -294,6 +296,18 @@ def measure_cpu(cfg: StepConfig, steps: int):
     return {v: _summary(benches[v], runs[v]) for v in VARIANTS}
 
 
+def model_flops_per_step(cfg_tokens: float, n_params: int, vocab: int, hidden: int) -> float:
+    """Dense-matmul FLOPs of one step, ~2 x params per token per forward (x3 for forward + backward).
+
+    Policy / reference forward: 2 P (the tied lm_head matmul included, the embedding lookup free);
+    critic: 2 (P - V H) (no lm_head). generate + score (policy, reference) + value_old are forwards,
+    policy_fb and value_fb forward + backward: tokens * (12 P + 8 (P - V H)). Attention's T^2 terms
+    are left out (~10% at 1k tokens for the 0.5b config), so this slightly understates the work.
+    """
+    body = n_params - vocab * hidden
+    return cfg_tokens * (12 * n_params + 8 * body)
+
+
 def _saving(fused: float, plain: float) -> str:
     if plain <= 0 or fused <= 0:
         return "-"
@@ -363,6 +377,14 @@ def main(argv=None):
     if "peak" in results["fused"]:
         f, q = results["fused"]["peak"], results["plain"]["peak"]
         rows.append(["peak memory allocated (total)", fmt_bytes(f), fmt_bytes(q), _saving(f, q)])
+    if device.type == "cuda":
+        gemm = measure_matmul_tflops(device, torch.bfloat16)  # this card's bf16 GEMM rate, measured here
+        tflops = {v: model_flops_per_step(results[v]["tokens"], n_params, vocab, cfg.hidden_size)
+                  / results[v]["total_ms"] / 1e9 for v in VARIANTS}
+        rows.append(["model TFLOP/s (est., dense matmuls)", f"{tflops['fused']:.1f}", f"{tflops['plain']:.1f}",
+                     f"{tflops['fused'] / tflops['plain']:.2f}x"])
+        rows.append([f"% of measured bf16 GEMM ({gemm:.0f} TFLOP/s)", pct_of(tflops["fused"], gemm),
+                     pct_of(tflops["plain"], gemm), "-"])
     print(markdown_table(["phase (ms)", "fused", "plain", "plain / fused"], rows))
     return results
 

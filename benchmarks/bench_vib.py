@@ -27,6 +27,8 @@ from _common import (  # noqa: E402
     fmt_bytes,
     machine,
     markdown_table,
+    measure_copy_gbps,
+    pct_of,
     time_ms,
 )
 
@@ -101,6 +103,7 @@ def main():
     dtype = getattr(torch, args.dtype)
     device = torch.device(args.device)
     esize = torch.finfo(dtype).bits // 8
+    copy_gbps = measure_copy_gbps(device)  # the bandwidth limit of this device, measured here
 
     table = []
     for latent in args.latents:
@@ -123,17 +126,19 @@ def main():
                 gbps = traffic[backward] / (times[impl] * 1e-3) / 1e9
                 table.append([
                     f"{rows}x{latent}", "fwd+bwd" if backward else "fwd", impl,
-                    f"{times[impl]:.2f}", f"{gbps:.1f}", peak, saved,
+                    f"{times[impl]:.2f}", f"{gbps:.1f}", pct_of(gbps, copy_gbps), peak, saved,
                     f"{times['eager'] / times[impl]:.2f}x" if impl == "fused" else "",
                 ])
             timings = ", ".join(f"{k} {v:.2f} ms" for k, v in times.items())
             print(f"latent={latent} {'fwd+bwd' if backward else 'fwd'}: {timings}", flush=True)
 
     print()
-    print(f"Machine: {machine()}; dtype {args.dtype}; fused uses logvar_clamp=(-20, 10), eager no clamp")
+    print(f"Machine: {machine()}; dtype {args.dtype}; fused uses logvar_clamp=(-20, 10), eager no clamp; "
+          f"measured copy bandwidth {copy_gbps:.0f} GB/s (read + write)")
     print()
     print(markdown_table(
-        ["shape", "pass", "impl", "median ms", "GB/s (eff.)", "peak extra mem (fwd+bwd)", "saved for bwd", "speedup"],
+        ["shape", "pass", "impl", "median ms", "GB/s (eff.)", "% of copy", "peak extra mem (fwd+bwd)", "saved for bwd",
+         "speedup"],
         table,
     ))
 
