@@ -6,6 +6,7 @@ Every public op validates its inputs here so that bad input raises a clear ``Typ
 from __future__ import annotations
 
 import functools
+import operator
 import os
 from typing import Iterable, Optional, Sequence
 
@@ -51,6 +52,19 @@ def check_leading_shape(name: str, t: torch.Tensor, ref_name: str, ref: torch.Te
                          f"got {tuple(t.shape)}")
     if t.device != ref.device:
         raise ValueError(f"{name} must be on the same device as {ref_name} ({ref.device}), got {t.device}")
+
+
+def check_uint63(name: str, value, expected: str = "an int") -> int:
+    """``value`` as a Python int in ``[0, 2**63)`` (seeds, positions, counters); bools are refused."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be {expected}, got bool")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}") from None
+    if not 0 <= value < 2**63:
+        raise ValueError(f"{name} must be in [0, 2**63), got {value}")
+    return value
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:

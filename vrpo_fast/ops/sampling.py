@@ -47,17 +47,15 @@ Non-finite logits (same as ``torch.argmax`` on the perturbed scores, on every ba
 """
 from __future__ import annotations
 
-import operator
 
 import torch
 
-from ._common import FLOAT_DTYPES, check_leading_shape, check_tensor, resolve_backend
+from ._common import FLOAT_DTYPES, check_leading_shape, check_tensor, check_uint63, resolve_backend
 from ._random import keyed_gumbel
 
 __all__ = ["keyed_sample", "keyed_sample_reference"]
 
 _KEY_DTYPES = (torch.int32, torch.int64)
-_INT64_LIMIT = 2**63
 # Elements per row block on the torch path: bounds each int64 temporary to 32 MiB.
 _TORCH_BLOCK_ELEMS = 1 << 22
 
@@ -82,18 +80,6 @@ def _sample_torch(logits, keys, seed, position, temperature):
     return tokens
 
 
-def _check_int(name: str, value, limit: int) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got bool")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if not 0 <= value < limit:
-        raise ValueError(f"{name} must be in [0, 2**63), got {value}")
-    return value
-
-
 def _validate(logits, keys, seed, position, temperature):
     check_tensor("logits", logits, dtypes=FLOAT_DTYPES, ndim=(2,))
     check_tensor("keys", keys, dtypes=_KEY_DTYPES)
@@ -102,8 +88,8 @@ def _validate(logits, keys, seed, position, temperature):
         raise ValueError("logits must have a non-empty last (vocabulary) dimension")
     if logits.shape[1] >= 2**31:
         raise ValueError(f"logits' vocabulary dimension must be < 2**31, got {logits.shape[1]}")
-    seed = _check_int("seed", seed, _INT64_LIMIT)
-    position = _check_int("position", position, _INT64_LIMIT)
+    seed = check_uint63("seed", seed)
+    position = check_uint63("position", position)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
     if not (0 < temperature < float("inf")):

@@ -34,14 +34,14 @@ for fp64 inputs).
 """
 from __future__ import annotations
 
-import operator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._common import FLOAT_DTYPES, check_leading_shape, check_same_shape, check_tensor, resolve_backend
+from ._common import (FLOAT_DTYPES, check_leading_shape, check_same_shape, check_tensor, check_uint63,
+                      resolve_backend)
 from ._random import keyed_normal
 
 _SEED_LIMIT = 2**63
@@ -80,18 +80,6 @@ def _check_clamp(logvar_clamp) -> Optional[Tuple[float, float]]:
     if not lo < hi:  # also rejects NaN
         raise ValueError(f"logvar_clamp must satisfy low < high, got {logvar_clamp!r}")
     return lo, hi
-
-
-def _check_seed(seed) -> int:
-    if isinstance(seed, bool):
-        raise TypeError("seed must be an int or None, got bool")
-    try:
-        seed = operator.index(seed)
-    except TypeError:
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}") from None
-    if not 0 <= seed < _SEED_LIMIT:
-        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
-    return seed
 
 
 def _check_row_ids(row_ids, mu: torch.Tensor, check_range: bool) -> torch.Tensor:
@@ -403,7 +391,7 @@ def vib_sample_kl(
             row_ids = None  # eval draws no noise
     path = resolve_backend(backend, mu, logvar)
     if seed is not None:
-        seed = _check_seed(seed)
+        seed = check_uint63("seed", seed, "an int or None")
     elif training:
         seed = _draw_seed()
     else:
