@@ -104,7 +104,6 @@ class _FakeAccelerator:
     ("DEEPSPEED", True, {}, "DeepSpeed is not supported"),
     ("FSDP", False, {}, "FSDP1 is not supported"),
     ("FSDP", True, {"lora_r": 8}, "--lora-r is not supported with FSDP"),
-    ("FSDP", True, {"resume": True}, "--resume is not supported with FSDP"),
     ("FSDP", True, {"num_eval": 5}, "--num-eval"),
 ])
 def test_trainer_refuses_unsupported_setups_before_loading_anything(kind, fsdp2, flags, match):
@@ -177,13 +176,13 @@ sys.exit(main(sys.argv[1:]))
 '''
 
 
-def _launch(tmp_path, launcher_args, target):
+def _launch(tmp_path, launcher_args, target, *extra, run="run"):
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1")
     env.pop("ACCELERATE_CONFIG_FILE", None)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher_args, "--num_processes", "2",
            "--mixed_precision", "no", "--dynamo_backend", "no", *target, *TINY_RUN,
-           "--output-dir", str(tmp_path / "run")]
+           "--output-dir", str(tmp_path / run), *extra]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
 
 
@@ -225,3 +224,31 @@ def test_trainer_under_fsdp2_forced_on_cpu(tmp_path):
         b = load_file(tmp_path / "one" / "checkpoints" / "step_000001" / sub)
         assert a.keys() == b.keys()
         assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-5, sub
+
+
+@pytest.mark.slow
+def test_fsdp2_run_resumes_to_the_uninterrupted_result(tmp_path):
+    """Under FSDP2 (forced on CPU) a run stopped after 1 RL step and resumed to 2 logs the metrics and
+    saves the weights of the run that never stopped: checkpoints carry the full optimizer states
+    (gathered from the shards) and a resumed process loads its shard back."""
+    script = tmp_path / "force_fsdp2.py"
+    script.write_text(FORCE_FSDP2)
+    fsdp = (["--multi_gpu", "--num_machines", "1"], [str(script)])
+    for run, extra in (("straight", ["--steps", "2"]), ("stopped", ["--steps", "1"]),
+                       ("stopped", ["--steps", "2", "--resume"])):
+        proc = _launch(tmp_path, *fsdp, "--save-every", "1", *extra, run=run)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    from vrpo_fast.metrics import read_metrics, without_timings
+
+    a = without_timings(read_metrics(str(tmp_path / "straight" / "metrics.jsonl")))
+    b = without_timings(read_metrics(str(tmp_path / "stopped" / "metrics.jsonl")))
+    assert [r["step"] for r in b] == [1, 2] and a == b
+    import torch
+    from safetensors.torch import load_file
+
+    for sub in ("policy/model.safetensors", "value/model.safetensors", "value/value_head.safetensors"):
+        wa = load_file(tmp_path / "straight" / "checkpoints" / "step_000002" / sub)
+        wb = load_file(tmp_path / "stopped" / "checkpoints" / "step_000002" / sub)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), sub
+    state = torch.load(tmp_path / "stopped" / "checkpoints" / "step_000002" / "trainer_state.pt", weights_only=False)
+    assert state["policy_optimizer"]["state"] and state["value_optimizer"]["state"]  # full, not empty

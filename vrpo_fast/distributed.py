@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from .config import TrainConfig
 
 __all__ = ["requested_processes", "gather_rollout", "gather_objects", "pad_columns", "global_token_weight", "mean_over_processes",
-           "is_sharded", "check_distributed_support", "generation_weights", "full_state_dict"]
+           "is_sharded", "check_distributed_support", "generation_weights", "full_state_dict",
+           "optimizer_state", "load_optimizer_state"]
 
 
 def requested_processes() -> Optional[int]:
@@ -156,8 +157,6 @@ def check_distributed_support(cfg: "TrainConfig", accelerator) -> None:
         raise ValueError("FSDP1 is not supported: set fsdp_version: 2 (examples/accelerate/fsdp.yaml)")
     if cfg.model.lora_r:
         raise ValueError("--lora-r is not supported with FSDP yet: use DDP (examples/accelerate/ddp.yaml)")
-    if cfg.run.resume:
-        raise ValueError("--resume is not supported with FSDP yet (optimizer states are sharded)")
     world = accelerator.num_processes
     # every process must call generate() as often as the others: each call all-gathers the weights
     if cfg.task.num_eval % world or (cfg.optim.warmup_target > 0 and cfg.optim.warmup_probe_size % world):
@@ -198,3 +197,31 @@ def full_state_dict(accelerator, prepared, prefix: str = "") -> Optional[Dict[st
     aliases = {n for n, _ in module.named_parameters(remove_duplicate=False)} - \
         {n for n, _ in module.named_parameters()}
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and k not in aliases}
+
+
+def _inner_optimizer(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
+
+
+def optimizer_state(accelerator, prepared, optimizer) -> Optional[Dict[str, Any]]:
+    """``optimizer``'s state dict for a checkpoint. Under FSDP the full (unsharded) state keyed by
+    parameter name, gathered on the main process (a collective: call it on EVERY process; the others
+    get an empty dict)."""
+    if not is_sharded(accelerator):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(accelerator.unwrap_model(prepared), _inner_optimizer(optimizer),
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(accelerator, prepared, optimizer, state: Dict[str, Any]) -> None:
+    """Inverse of :func:`optimizer_state` (every process passes the full state it read from disk;
+    under FSDP each keeps its shard)."""
+    if not is_sharded(accelerator):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(accelerator.unwrap_model(prepared), _inner_optimizer(optimizer), optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True))

@@ -43,8 +43,8 @@ from vrpo_fast.tasks.noise import make_noise
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .distributed import (check_distributed_support, full_state_dict, gather_objects, gather_rollout,
-                          generation_weights, global_token_weight, is_sharded, mean_over_processes,
-                          requested_processes)
+                          generation_weights, global_token_weight, is_sharded, load_optimizer_state,
+                          mean_over_processes, optimizer_state, requested_processes)
 from .metrics import MetricsWriter, plot_curves
 from .models.loading import build_value_model, ensure_pad_token, frozen_copy, load_causal_lm, load_policy, \
     resolve_attn_implementation
@@ -493,10 +493,10 @@ def _run_training(cfg: TrainConfig, accelerator=None) -> Dict[str, Any]:
     if resume_from is not None:
         state = ckpt.load_trainer_state(resume_from)
         start_step = state["step"]
-        policy_opt.load_state_dict(state["policy_optimizer"])
+        load_optimizer_state(acc, policy, policy_opt, state["policy_optimizer"])
         policy_sched.load_state_dict(state["policy_scheduler"])
         if has_critic:
-            value_opt.load_state_dict(state["value_optimizer"])
+            load_optimizer_state(acc, value_model, value_opt, state["value_optimizer"])
             value_sched.load_state_dict(state["value_scheduler"])
         if acc.scaler is not None and state.get("scaler") is not None:
             acc.scaler.load_state_dict(state["scaler"])
@@ -513,10 +513,10 @@ def _run_training(cfg: TrainConfig, accelerator=None) -> Dict[str, Any]:
         state = {
             "step": step,
             "data_position": step * (r.rollout_batch_size // cfg.samples_per_prompt),
-            # FSDP: the optimizer states are sharded DTensors; not saved (--resume is refused)
-            "policy_optimizer": None if sharded else policy_opt.state_dict(),
+            # full states (gathered under FSDP: collectives, so every process builds this dict)
+            "policy_optimizer": optimizer_state(acc, policy, policy_opt),
             "policy_scheduler": policy_sched.state_dict(),
-            "value_optimizer": value_opt.state_dict() if has_critic and not sharded else None,
+            "value_optimizer": optimizer_state(acc, value_model, value_opt) if has_critic else None,
             "value_scheduler": value_sched.state_dict() if has_critic else None,
             "noise": noise.state_dict(),  # the same on every process (it acts on the global batch)
             "rng": gather_objects(acc, [ckpt.rng_state()]),  # one per process
