@@ -23,6 +23,12 @@ except Exception:  # pragma: no cover
 requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install -e '.[test]')")
 
 
+def subprocess_env(**overrides) -> dict:
+    """Environment for a trainer started as a subprocess: offline, one thread per process."""
+    return dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+                TRANSFORMERS_OFFLINE="1", **overrides)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -6,11 +6,11 @@ only the main process writes files. Two processes must give what one process giv
 global batch, up to floating-point rounding.
 """
 import json
-import os
 import subprocess
 import sys
 
 import pytest
+from conftest import subprocess_env
 
 ARGS = [
     "--tiny-hidden-size", "32", "--tiny-layers", "1", "--latent-dim", "8",
@@ -21,8 +21,7 @@ ARGS = [
 
 
 def _launch(tmp_path, *extra, processes: int = 2):
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", ACCELERATE_CONFIG_FILE=str(tmp_path / "none.yaml"))
+    env = subprocess_env(ACCELERATE_CONFIG_FILE=str(tmp_path / "none.yaml"))
     if processes == 1:
         cmd = [sys.executable, "-m", "vrpo_fast.train"]
     else:

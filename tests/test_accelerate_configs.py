@@ -18,6 +18,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+from conftest import subprocess_env
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "examples" / "accelerate"
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
@@ -177,8 +178,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 def _launch(tmp_path, launcher_args, target, *extra, run="run"):
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1")
+    env = subprocess_env()
     env.pop("ACCELERATE_CONFIG_FILE", None)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher_args, "--num_processes", "2",
            "--mixed_precision", "no", "--dynamo_backend", "no", *target, *TINY_RUN,
@@ -213,9 +213,8 @@ def test_trainer_under_fsdp2_forced_on_cpu(tmp_path):
     proc = _launch(tmp_path, ["--multi_gpu", "--num_machines", "1"], [str(script)])
     _check_run(proc, tmp_path / "run")
     # sharded training gives what one unsharded process gives with the same global batch
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     one = subprocess.run([sys.executable, "-m", "vrpo_fast.train", *TINY_RUN, "--output-dir", str(tmp_path / "one")],
-                         env=env, capture_output=True, text=True, timeout=300)
+                         env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
     from safetensors.torch import load_file
 

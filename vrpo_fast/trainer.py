@@ -351,7 +351,9 @@ def _run_training(cfg: TrainConfig, accelerator=None) -> Dict[str, Any]:
     use_lora = cfg.model.lora_r > 0
     # under LoRA a checkpoint's trained state is its adapters (and the critic's heads): the frozen base
     # is the warmed-up policy in reference/, and the adapters are loaded onto it below
-    lora_state = ckpt.load_trainer_state(resume_from).get("lora") if resume_from is not None and use_lora else None
+    # read once: it holds the full optimizer states (several GB for a real model)
+    resume_state = ckpt.load_trainer_state(resume_from) if resume_from is not None else None
+    lora_state = resume_state.get("lora") if resume_state is not None and use_lora else None
     if resume_from is not None and use_lora and lora_state is None:
         raise ValueError(f"{resume_from} was not written by a --lora-r run (it holds no adapter state): resume "
                          f"it without --lora-r")
@@ -490,20 +492,20 @@ def _run_training(cfg: TrainConfig, accelerator=None) -> Dict[str, Any]:
     trained = [policy] + ([value_model] if has_critic else [])
 
     start_step = 0
-    if resume_from is not None:
-        state = ckpt.load_trainer_state(resume_from)
-        start_step = state["step"]
-        load_optimizer_state(acc, policy, policy_opt, state["policy_optimizer"])
-        policy_sched.load_state_dict(state["policy_scheduler"])
+    if resume_state is not None:
+        start_step = resume_state["step"]
+        load_optimizer_state(acc, policy, policy_opt, resume_state["policy_optimizer"])
+        policy_sched.load_state_dict(resume_state["policy_scheduler"])
         if has_critic:
-            load_optimizer_state(acc, value_model, value_opt, state["value_optimizer"])
-            value_sched.load_state_dict(state["value_scheduler"])
-        if acc.scaler is not None and state.get("scaler") is not None:
-            acc.scaler.load_state_dict(state["scaler"])
-        noise.load_state_dict(state["noise"])
-        ckpt.set_rng_state(state["rng"][rank])
+            load_optimizer_state(acc, value_model, value_opt, resume_state["value_optimizer"])
+            value_sched.load_state_dict(resume_state["value_scheduler"])
+        if acc.scaler is not None and resume_state.get("scaler") is not None:
+            acc.scaler.load_state_dict(resume_state["scaler"])
+        noise.load_state_dict(resume_state["noise"])
+        ckpt.set_rng_state(resume_state["rng"][rank])
         if main:
             print(f"[vrpo_fast] resumed from {resume_from} at step {start_step}", flush=True)
+        resume_state = lora_state = None  # the optimizer states now live in the optimizers: free the copy
 
     metrics = MetricsWriter(os.path.join(run_dir, "metrics.jsonl"),
                             resume_step=start_step if cfg.run.resume else None) if main else None
