@@ -83,9 +83,8 @@ def gather_rollout(accelerator, rollout: Rollout, tensors: Dict[str, torch.Tenso
 
     ``tensors`` holds [B] tensors (one value per row) and [B, T] tensors aligned with
     ``rollout.input_ids`` (token- or state-aligned alike; padded with 0; token ids with
-    ``pad_token_id``). Row ``i`` of process ``r``
-    becomes global row ``r * B + i``: shards must be equal-sized and contiguous (as
-    :func:`vrpo_fast.trainer.shard` makes them).
+    ``pad_token_id``). Row ``i`` of process ``r`` becomes global row ``r * B + i``: shards must be
+    equal-sized and contiguous (as :func:`vrpo_fast.trainer.shard` makes them).
     """
     if accelerator.num_processes == 1:
         return rollout, dict(tensors)
@@ -99,11 +98,12 @@ def gather_rollout(accelerator, rollout: Rollout, tensors: Dict[str, torch.Tenso
     left, right = P_max - P, C_max - (L - P)
 
     def gather(t: torch.Tensor, value=0) -> torch.Tensor:
+        is_bool = t.dtype == torch.bool  # collectives and F.pad take no bool: one uint8 round trip
+        t = t.to(torch.uint8) if is_bool else t
         if t.dim() == 2:
             t = pad_columns(t, left, right, value)
-        dtype = t.dtype
-        out = accelerator.gather(t.to(torch.uint8) if dtype == torch.bool else t.contiguous())
-        return out.bool() if dtype == torch.bool else out
+        out = accelerator.gather(t.contiguous())
+        return out.bool() if is_bool else out
 
     merged = Rollout(gather(rollout.input_ids, pad_token_id), gather(rollout.attention_mask), gather(rollout.response_mask),
                      P_max, gather_objects(accelerator, rollout.completions))
