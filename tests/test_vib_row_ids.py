@@ -304,10 +304,13 @@ def test_vib_head_passes_row_ids_and_scalar_head_ignores_them():
     ids = torch.arange(10).view(2, 5) + 100
     whole = head(hidden, seed=3, row_ids=ids)
     part = head(hidden[1:], seed=3, row_ids=ids[1:])
-    assert_equal(part.z, whole.z[1:])
-    assert_equal(part.kl_per_token, whole.kl_per_token[1:])
+    # The noise is keyed by id, so it is the same; mu and logvar come from the encoder's matmul,
+    # which BLAS may round differently for another batch size (seen on AVX-512 CPUs: 1.5e-8), so
+    # z and KL agree to fp32 rounding, far below the noise's own scale (checked next).
+    torch.testing.assert_close(part.z, whole.z[1:], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(part.kl_per_token, whole.kl_per_token[1:], rtol=1e-5, atol=1e-6)
     unkeyed = head(hidden[1:], seed=3)
-    assert not torch.equal(unkeyed.z, whole.z[1:])
+    assert (unkeyed.z - whole.z[1:]).abs().max() > 1e-2
     with pytest.raises(ValueError, match="row_ids"):
         head(hidden, seed=3, row_ids=ids[:, :4])
 
