@@ -73,6 +73,35 @@ def check_finite(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} contains NaN or inf")
 
 
+def is_compiling() -> bool:
+    """True while ``torch.compile`` traces the caller (eager-only checks and options are skipped)."""
+    return torch.compiler.is_compiling()
+
+
+def check_backend(backend) -> str:
+    """``backend`` must be one of :data:`BACKENDS` (the device is resolved inside the custom op)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype the statistics ops accumulate (and return by default) in: fp64 for fp64, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def resolve_out_dtype(out_dtype, input_dtype: torch.dtype) -> torch.dtype:
+    """``out_dtype="auto"``: the accumulation dtype (fp32; fp64 for fp64 inputs); ``None``: the
+    input's dtype; else a floating dtype."""
+    if isinstance(out_dtype, str) and out_dtype == "auto":
+        return accumulation_dtype(input_dtype)
+    if out_dtype is None:
+        return input_dtype
+    if not isinstance(out_dtype, torch.dtype) or out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be 'auto', None or one of float16/bfloat16/float32/float64, got {out_dtype!r}")
+    return out_dtype
+
+
 @functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     try:

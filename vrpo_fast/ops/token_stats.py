@@ -18,11 +18,12 @@ used by :mod:`vrpo_fast.ops.linear_stats`); keep their signatures stable.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
-from ._common import FLOAT_DTYPES, check_leading_shape, check_tensor, resolve_backend
+from ._common import (FLOAT_DTYPES, accumulation_dtype, check_backend, check_leading_shape, check_tensor,
+                      is_compiling, resolve_backend, resolve_out_dtype)
 
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -75,9 +76,10 @@ def _load_scaled(x: torch.Tensor, inv_temperature: float, ws: torch.Tensor) -> t
 def _forward_torch_2d(logits, labels, inv_temperature, ignore_index, compute_entropy):
     N, V = logits.shape
     acc_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    logprobs = torch.empty(N, dtype=torch.float32, device=logits.device)
-    entropy = torch.empty(N, dtype=torch.float32, device=logits.device) if compute_entropy else None
-    lse = torch.empty(N, dtype=torch.float32, device=logits.device)
+    # Outputs in the accumulation dtype: fp32, or fp64 for fp64 logits.
+    logprobs = torch.empty(N, dtype=acc_dtype, device=logits.device)
+    entropy = torch.empty(N, dtype=acc_dtype, device=logits.device) if compute_entropy else None
+    lse = torch.empty(N, dtype=acc_dtype, device=logits.device)
     valid = labels != ignore_index
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(1)
     step = max(1, min(N, _rows_per_chunk(V)))
@@ -155,16 +157,25 @@ def _backward_torch_2d(logits, labels, lse, entropy, grad_logprobs, grad_entropy
 def token_stats_forward_2d(logits, labels, *, temperature, ignore_index, compute_entropy, backend):
     """logits [N, V] (last dim contiguous), labels [N] int64; validated already. backend in {"triton","torch"}.
 
-    Returns (logprobs fp32 [N], entropy fp32 [N] or None, lse fp32 [N]) where lse = logsumexp(logits/temperature).
-    Ignored labels give logprob 0 and entropy 0 (lse is still computed).
+    Returns (logprobs [N], entropy [N] or None, lse [N]) in the accumulation dtype (fp32; fp64 for
+    fp64 logits) where lse = logsumexp(logits/temperature). Ignored labels give logprob 0 and entropy
+    0 (lse is still computed).
     """
     inv_t = 1.0 / float(temperature)
     if backend == "triton":
-        from vrpo_fast.kernels.token_stats import token_stats_fwd
-
-        return token_stats_fwd(logits, labels, inv_temperature=inv_t, ignore_index=ignore_index,
-                               compute_entropy=compute_entropy)
+        return _triton_forward(logits, labels, inv_t, ignore_index, compute_entropy)
     return _forward_torch_2d(logits, labels, inv_t, ignore_index, compute_entropy)
+
+
+def _triton_forward(logits, labels, inv_t, ignore_index, compute_entropy):
+    """The Triton kernel (fp32 arithmetic); fp64 logits get their outputs widened to fp64."""
+    from vrpo_fast.kernels.token_stats import token_stats_fwd
+
+    out = token_stats_fwd(logits, labels, inv_temperature=inv_t, ignore_index=ignore_index,
+                          compute_entropy=compute_entropy)
+    if logits.dtype == torch.float64:
+        out = tuple(t.double() if t is not None else None for t in out)
+    return out
 
 
 def token_stats_backward_2d(logits, labels, lse, entropy, grad_logprobs, grad_entropy, *, temperature, ignore_index,
@@ -197,10 +208,7 @@ def _rows_2d(logits: torch.Tensor) -> Optional[torch.Tensor]:
 
 def _forward_nd(logits, labels, temperature, ignore_index, compute_entropy, backend):
     if backend == "triton":
-        from vrpo_fast.kernels.token_stats import token_stats_fwd
-
-        return token_stats_fwd(logits, labels, inv_temperature=1.0 / float(temperature), ignore_index=ignore_index,
-                               compute_entropy=compute_entropy)
+        return _triton_forward(logits, labels, 1.0 / float(temperature), ignore_index, compute_entropy)
     kw = dict(temperature=temperature, ignore_index=ignore_index, compute_entropy=compute_entropy, backend=backend)
     flat = _rows_2d(logits)
     if flat is not None:
@@ -241,29 +249,100 @@ def _backward_nd(logits, labels, lse, entropy, grad_logprobs, grad_entropy, temp
     return out
 
 
-class _TokenLogprobsEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, labels, temperature, ignore_index, compute_entropy, inplace_backward, backend):
-        logprobs, entropy, lse = _forward_nd(logits, labels, temperature, ignore_index, compute_entropy, backend)
-        # Only the logits (already alive) and per-row lse / entropy are kept: no N x V temporaries.
-        ctx.save_for_backward(logits, labels, lse, entropy)
-        ctx.temperature, ctx.ignore_index = temperature, ignore_index
-        ctx.inplace_backward, ctx.backend = inplace_backward, backend
-        ctx.set_materialize_grads(False)
-        return logprobs, entropy
-
-    @staticmethod
-    def backward(ctx, grad_logprobs, grad_entropy):
-        logits, labels, lse, entropy = ctx.saved_tensors
-        if grad_logprobs is None and grad_entropy is None:
-            return (None,) * 7
-        out = logits if ctx.inplace_backward else None
-        grad = _backward_nd(logits, labels, lse, entropy, grad_logprobs, grad_entropy, ctx.temperature,
-                            ctx.ignore_index, out, ctx.backend)
-        return grad, None, None, None, None, None, None
+# ----------------------------------------------------------------------------------------------
+# Custom ops: the implementation under the public function. torch.compile sees the fake kernels
+# (shapes and dtypes only) and calls the real ones at run time, so the data-dependent label check
+# below runs inside the op, never as a Python branch in a traced graph.
+# ----------------------------------------------------------------------------------------------
+def _check_label_range(labels: torch.Tensor, V: int, ignore_index: int) -> None:
+    """``labels`` (int64) in [0, V) or ``ignore_index``: one reduction (a device sync on CUDA)."""
+    if labels.numel() == 0:
+        return
+    bad = ((labels < 0) | (labels >= V)) & (labels != ignore_index)
+    if bool(bad.any()):
+        raise ValueError(f"labels must be in [0, {V}) or equal ignore_index={ignore_index}, "
+                         f"got {labels[bad][0].item()}")
 
 
-def _validate(logits, labels, temperature, ignore_index, check_label_range):
+@torch.library.custom_op("vrpo_fast::token_stats_fwd", mutates_args=())
+def _token_stats_fwd_op(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
+                        compute_entropy: bool, inplace_backward: bool, backend: str,
+                        check_labels: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logprobs, entropy, lse) like ``labels``, in the accumulation dtype; entropy is empty [0]
+    when not computed (custom ops cannot return None). ``inplace_backward`` is used by the backward."""
+    if check_labels:
+        _check_label_range(labels, logits.shape[-1], ignore_index)
+    path = resolve_backend(backend, logits)
+    logprobs, entropy, lse = _forward_nd(logits, labels, temperature, ignore_index, compute_entropy, path)
+    return logprobs, (entropy if entropy is not None else logprobs.new_empty(0)), lse
+
+
+@_token_stats_fwd_op.register_fake
+def _(logits, labels, temperature, ignore_index, compute_entropy, inplace_backward, backend, check_labels):
+    out = labels.new_empty(labels.shape, dtype=accumulation_dtype(logits.dtype))
+    return out, (torch.empty_like(out) if compute_entropy else out.new_empty(0)), torch.empty_like(out)
+
+
+@torch.library.custom_op("vrpo_fast::token_stats_bwd", mutates_args=())
+def _token_stats_bwd_op(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
+                        grad_logprobs: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
+                        temperature: float, ignore_index: int, backend: str) -> torch.Tensor:
+    """d/dlogits in a new tensor (logits' dtype and shape, contiguous)."""
+    path = resolve_backend(backend, logits)
+    return _backward_nd(logits, labels, lse, entropy, grad_logprobs, grad_entropy, temperature, ignore_index,
+                        None, path)
+
+
+@_token_stats_bwd_op.register_fake
+def _(logits, labels, lse, entropy, grad_logprobs, grad_entropy, temperature, ignore_index, backend):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+@torch.library.custom_op("vrpo_fast::token_stats_bwd_inplace", mutates_args=("logits",))
+def _token_stats_bwd_inplace_op(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
+                                entropy: torch.Tensor, grad_logprobs: Optional[torch.Tensor],
+                                grad_entropy: Optional[torch.Tensor], temperature: float, ignore_index: int,
+                                backend: str) -> None:
+    """d/dlogits written over ``logits`` (``inplace_backward=True``, eager only)."""
+    path = resolve_backend(backend, logits)
+    _backward_nd(logits, labels, lse, entropy, grad_logprobs, grad_entropy, temperature, ignore_index, logits, path)
+
+
+def _token_stats_setup_context(ctx, inputs, output):
+    logits, labels, temperature, ignore_index, compute_entropy, inplace_backward, backend, _ = inputs
+    _, entropy, lse = output
+    # Only the logits (already alive) and per-row lse / entropy are kept: no N x V temporaries.
+    ctx.save_for_backward(logits, labels, lse, entropy)
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
+    ctx.config = (temperature, ignore_index, compute_entropy, inplace_backward, backend)
+
+
+def _token_stats_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
+    logits, labels, lse, entropy = ctx.saved_tensors
+    temperature, ignore_index, compute_entropy, inplace_backward, backend = ctx.config
+    if not compute_entropy:
+        grad_entropy = None
+    if grad_logprobs is None and grad_entropy is None:
+        return (None,) * 8
+    args = (logits, labels, lse, entropy, grad_logprobs, grad_entropy, temperature, ignore_index, backend)
+    if inplace_backward:
+        _token_stats_bwd_inplace_op(*args)
+        grad = logits
+    else:
+        grad = _token_stats_bwd_op(*args)
+    return (grad,) + (None,) * 7
+
+
+torch.library.register_autograd("vrpo_fast::token_stats_fwd", _token_stats_backward,
+                                setup_context=_token_stats_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public op
+# ----------------------------------------------------------------------------------------------
+def _validate(logits, labels, temperature, ignore_index):
+    """Shape / dtype / argument checks (no data is read: safe under torch.compile and on meta)."""
     check_tensor("logits", logits, dtypes=FLOAT_DTYPES, ndim=(2, 3))
     check_tensor("labels", labels, dtypes=INT_DTYPES)
     check_leading_shape("labels", labels, "logits", logits)
@@ -281,36 +360,42 @@ def _validate(logits, labels, temperature, ignore_index, check_label_range):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if check_label_range and labels.numel() > 0:
-        # One reduction (a device sync on CUDA); out-of-range labels would read out of bounds.
-        bad = ((labels < 0) | (labels >= V)) & (labels != ignore_index)
-        if bool(bad.any()):
-            first = labels[bad][0].item()
-            raise ValueError(f"labels must be in [0, {V}) or equal ignore_index={ignore_index}, got {first}")
 
 
 def token_logprobs_entropy(logits, labels, *, temperature=1.0, ignore_index=-100, compute_entropy=True,
-                           inplace_backward=False, backend="auto", _check_label_range=True):
+                           inplace_backward=False, backend="auto", out_dtype="auto", _check_label_range=True):
     """Per-token log-prob of ``labels`` and entropy under ``softmax(logits / temperature)``.
 
+    A PyTorch custom op (``torch.ops.vrpo_fast.token_stats_fwd`` underneath, with a fake kernel and an
+    autograd formula), so ``torch.compile(fullgraph=True)`` traces it without a graph break.
+
     Args:
-        logits: [B, T, V] or [N, V], fp16 / bf16 / fp32 (fp64 on the torch path). The vocabulary dim
-            must be contiguous; leading strides are free (``logits[:, :-1]`` is used without a copy).
-        labels: integer tensor with the leading shape of ``logits``. Entries equal to ``ignore_index``
-            give 0 in both outputs and zero gradient; others must lie in ``[0, V)``.
+        logits: [B, T, V] or [N, V], fp16 / bf16 / fp32 / fp64. The vocabulary dim must be contiguous;
+            leading strides are free (``logits[:, :-1]`` is used without a copy).
+        labels: integer tensor (int64 / int32 / int16 / int8 / uint8) with the leading shape of
+            ``logits``. Entries equal to ``ignore_index`` give 0 in both outputs and zero gradient;
+            others must lie in ``[0, V)`` (checked inside the op: ``ValueError``, also when compiled).
         temperature: divides the logits before the softmax (> 0).
         compute_entropy: if False, ``entropy`` is None and its work is skipped.
         inplace_backward: the backward writes d/dlogits over the logits buffer and returns it as the
             gradient, saving one N x V allocation. The logits are DESTROYED by the backward; use it only
             when nothing else reads them afterwards (typical: lm_head output feeding only this op).
-            Refused (ValueError) for a leaf tensor or a view of one.
+            Refused (ValueError) for a leaf tensor or a view of one. Ignored under ``torch.compile``
+            (a compiled graph may not mutate a saved input in its backward).
         backend: "auto" (CUDA -> Triton, CPU -> chunked torch), "triton" or "torch".
+        out_dtype: dtype of both outputs. "auto": fp32 (fp64 for fp64 logits); None: the logits'
+            dtype (TRL's convention); or any floating dtype. Statistics are always accumulated in
+            fp32 (fp64 for fp64 logits) and rounded once.
 
     Returns:
-        ``(logprobs, entropy)``: fp32, shaped like ``labels``; ``entropy`` is None when
+        ``(logprobs, entropy)`` shaped like ``labels``; ``entropy`` is None when
         ``compute_entropy=False``. Both are differentiable w.r.t. ``logits``.
     """
-    _validate(logits, labels, temperature, ignore_index, _check_label_range)
+    _validate(logits, labels, temperature, ignore_index)
+    check_backend(backend)
+    dtype = resolve_out_dtype(out_dtype, logits.dtype)
+    compiling = is_compiling()
+    inplace_backward = bool(inplace_backward) and not compiling
     if inplace_backward and logits.requires_grad:
         root = logits._base if logits._base is not None else logits
         if root.is_leaf:
@@ -320,11 +405,10 @@ def token_logprobs_entropy(logits, labels, *, temperature=1.0, ignore_index=-100
                 "inplace_backward=True needs logits produced by an op (e.g. the lm_head matmul), not a leaf "
                 "tensor or a view of one: its buffer is overwritten by the gradient"
             )
-    backend = resolve_backend(backend, logits)
-    labels = labels.long()
-    temperature = float(temperature)
-    if torch.is_grad_enabled() and logits.requires_grad:
-        return _TokenLogprobsEntropy.apply(logits, labels, temperature, ignore_index, bool(compute_entropy),
-                                           bool(inplace_backward), backend)
-    logprobs, entropy, _ = _forward_nd(logits, labels, temperature, ignore_index, bool(compute_entropy), backend)
-    return logprobs, entropy
+    # int64 before any comparison: a narrow label dtype cannot hold V (or ignore_index).
+    logprobs, entropy, _ = _token_stats_fwd_op(
+        logits, labels.long(), float(temperature), ignore_index, bool(compute_entropy), inplace_backward, backend,
+        bool(_check_label_range),
+    )
+    logprobs = logprobs.to(dtype)
+    return logprobs, (entropy.to(dtype) if compute_entropy else None)
