@@ -37,12 +37,15 @@ bf16): tiles 8192 x 32768 (512 MiB) + 128 MiB fp32 ``d hidden`` staging.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional, Tuple
 
 import torch
 
-from ._common import FLOAT_DTYPES, check_tensor, resolve_backend
-from .token_stats import INT_DTYPES, token_logprobs_entropy_reference, token_stats_backward_2d, token_stats_forward_2d
+from ._common import (FLOAT_DTYPES, accumulation_dtype, check_backend, check_tensor, resolve_backend,
+                      resolve_out_dtype)
+from .token_stats import (INT_DTYPES, _check_label_range, token_logprobs_entropy_reference, token_stats_backward_2d,
+                          token_stats_forward_2d)
 
 # Tile-buffer budget when neither chunk size is given.
 DEFAULT_WORKSPACE_BYTES_CUDA = 512 << 20
@@ -172,9 +175,10 @@ def _linear_stats_forward(hidden, weight, bias, labels, *, temperature, ignore_i
                           backend):
     n, v = hidden.shape[0], weight.shape[0]
     dev = hidden.device
-    logprobs = torch.empty(n, dtype=torch.float32, device=dev)
-    entropy = torch.empty(n, dtype=torch.float32, device=dev) if compute_entropy else None
-    lse = torch.empty(n, dtype=torch.float32, device=dev)
+    acc = accumulation_dtype(hidden.dtype)
+    logprobs = torch.empty(n, dtype=acc, device=dev)
+    entropy = torch.empty(n, dtype=acc, device=dev) if compute_entropy else None
+    lse = torch.empty(n, dtype=acc, device=dev)
     vocab_spans = _spans(v, cols)
     buf = torch.empty(rows * cols, dtype=hidden.dtype, device=dev)
     stats = dict(temperature=temperature, compute_entropy=compute_entropy, backend=backend)
@@ -187,9 +191,9 @@ def _linear_stats_forward(hidden, weight, bias, labels, *, temperature, ignore_i
             lp_i, ent_i, lse_i = token_stats_forward_2d(logits, lab, ignore_index=ignore_index, **stats)
         else:
             valid = lab != ignore_index
-            lse_parts = torch.empty(r, len(vocab_spans), dtype=torch.float32, device=dev)
+            lse_parts = torch.empty(r, len(vocab_spans), dtype=acc, device=dev)
             ent_parts = torch.empty_like(lse_parts) if compute_entropy else None
-            label_logit = torch.zeros(r, dtype=torch.float32, device=dev)
+            label_logit = torch.zeros(r, dtype=acc, device=dev)
             for t, (j0, j1) in enumerate(vocab_spans):
                 c = j1 - j0
                 logits = _tile_logits(h_rows, weight[j0:j1], None if bias is None else bias[j0:j1],
@@ -201,14 +205,19 @@ def _linear_stats_forward(hidden, weight, bias, labels, *, temperature, ignore_i
                 lse_parts[:, t] = lse_t
                 if compute_entropy:
                     ent_parts[:, t] = ent_t
-                label_logit = torch.where(in_slice, lp_t + lse_t, label_logit)
+                # A slice whose logits are all -inf (a masking bias) has lse_t = -inf and a NaN
+                # log-prob (-inf - -inf); its label logit is -inf.
+                label_logit = torch.where(in_slice, torch.where(lse_t > -math.inf, lp_t + lse_t, -math.inf),
+                                          label_logit)
             lse_i = torch.logsumexp(lse_parts, dim=1)
             lp_i = torch.where(valid, label_logit - lse_i, 0.0)
             ent_i = None
             if compute_entropy:
-                # H = sum_t w_t (H_t - log w_t), w_t = exp(lse_t - lse): the mixture's entropy.
+                # H = sum_t w_t (H_t - log w_t), w_t = exp(lse_t - lse): the mixture's entropy. An
+                # all -inf slice has w_t = 0 and H_t = NaN (0 / 0): it contributes exactly 0.
                 log_w = lse_parts - lse_i.unsqueeze(1)
-                ent_i = torch.where(valid, (log_w.exp() * (ent_parts - log_w)).sum(1), 0.0)
+                terms = torch.where(lse_parts > -math.inf, log_w.exp() * (ent_parts - log_w), 0.0)
+                ent_i = torch.where(valid, terms.sum(1), 0.0)
         logprobs[i0:i1] = lp_i
         lse[i0:i1] = lse_i
         if compute_entropy:
@@ -223,7 +232,7 @@ def _linear_stats_backward(hidden, weight, bias, labels, lse, entropy, grad_logp
     dev, dtype = hidden.device, hidden.dtype
     grad_hidden = torch.empty(n, h, dtype=dtype, device=dev) if need_hidden else None
     grad_weight = torch.empty(v, h, dtype=weight.dtype, device=dev) if need_weight else None
-    grad_bias32 = torch.zeros(v, dtype=torch.float32, device=dev) if need_bias else None
+    grad_bias32 = torch.zeros(v, dtype=accumulation_dtype(dtype), device=dev) if need_bias else None
     if n == 0:
         return grad_hidden, (grad_weight.zero_() if need_weight else None), grad_bias32
 
@@ -279,36 +288,107 @@ def _linear_stats_backward(hidden, weight, bias, labels, lse, entropy, grad_logp
                 stage = stage_weight[:c] if vocab_outer else stage_weight[j0:j1]
             _mm_accumulate(grad_weight[j0:j1], stage, dlogits.t(), h_rows, first=i0 == 0, last=i1 == n)
         if need_bias:
-            grad_bias32[j0:j1] += dlogits.sum(0, dtype=torch.float32)
+            grad_bias32[j0:j1] += dlogits.sum(0, dtype=grad_bias32.dtype)
     return grad_hidden, grad_weight, grad_bias32
 
 
-class _LinearLogprobsEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, rows, cols, backend):
+# ----------------------------------------------------------------------------------------------
+# Custom ops (fake kernels for torch.compile / meta tensors, autograd formula). Inputs: hidden [N, H]
+# (last dim contiguous), weight [V, H], bias [V] or None, labels [N] int64, all of one dtype.
+# ----------------------------------------------------------------------------------------------
+def _tiles(hidden, weight, chunk_tokens, chunk_vocab):
+    budget = DEFAULT_WORKSPACE_BYTES_CUDA if hidden.is_cuda else DEFAULT_WORKSPACE_BYTES_CPU
+    return _plan_tiles(hidden.shape[0], weight.shape[0], hidden.element_size(), hidden.dtype in _LOW_PRECISION,
+                       budget, chunk_tokens, chunk_vocab)
+
+
+@torch.library.custom_op("vrpo_fast::linear_stats_fwd", mutates_args=())
+def _linear_stats_fwd_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                         labels: torch.Tensor, temperature: float, ignore_index: int, compute_entropy: bool,
+                         chunk_tokens: Optional[int], chunk_vocab: Optional[int], backend: str,
+                         check_labels: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logprobs, entropy or empty [0], lse), [N] each, in the accumulation dtype."""
+    if check_labels:
+        _check_label_range(labels, weight.shape[0], ignore_index)
+    path = resolve_backend(backend, hidden, weight)
+    rows, cols = _tiles(hidden, weight, chunk_tokens, chunk_vocab)
+    # The caller has already cast to the compute dtype: nothing inside may be autocast again.
+    with torch.autocast(hidden.device.type, enabled=False):
         logprobs, entropy, lse = _linear_stats_forward(
             hidden, weight, bias, labels, temperature=temperature, ignore_index=ignore_index,
-            compute_entropy=compute_entropy, rows=rows, cols=cols, backend=backend,
+            compute_entropy=compute_entropy, rows=rows, cols=cols, backend=path,
         )
-        # References to the inputs plus per-token fp32 lse / entropy: nothing of size N x V.
-        ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
-        ctx.config = dict(temperature=temperature, ignore_index=ignore_index, rows=rows, cols=cols, backend=backend)
-        ctx.set_materialize_grads(False)
-        return logprobs, entropy
+    return logprobs, (entropy if entropy is not None else logprobs.new_empty(0)), lse
 
-    @staticmethod
-    def backward(ctx, grad_logprobs, grad_entropy):
-        hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        nones = (None,) * 7
-        if grad_logprobs is None and grad_entropy is None:
-            return (None, None, None) + nones
+
+@_linear_stats_fwd_op.register_fake
+def _(hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, chunk_tokens, chunk_vocab, backend,
+      check_labels):
+    out = hidden.new_empty(hidden.shape[:1], dtype=accumulation_dtype(hidden.dtype))
+    return out, (torch.empty_like(out) if compute_entropy else out.new_empty(0)), torch.empty_like(out)
+
+
+@torch.library.custom_op("vrpo_fast::linear_stats_bwd", mutates_args=())
+def _linear_stats_bwd_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                         labels: torch.Tensor, lse: torch.Tensor, entropy: Optional[torch.Tensor],
+                         grad_logprobs: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
+                         temperature: float, ignore_index: int, chunk_tokens: Optional[int],
+                         chunk_vocab: Optional[int], backend: str, need_hidden: bool, need_weight: bool,
+                         need_bias: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d hidden, d weight, d bias); a gradient that is not needed is an empty [0] tensor."""
+    path = resolve_backend(backend, hidden, weight)
+    rows, cols = _tiles(hidden, weight, chunk_tokens, chunk_vocab)
+    with torch.autocast(hidden.device.type, enabled=False):
         grad_hidden, grad_weight, grad_bias32 = _linear_stats_backward(
-            hidden, weight, bias, labels, lse, entropy, grad_logprobs, grad_entropy,
-            need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias, **ctx.config,
+            hidden, weight, bias, labels, lse, entropy, grad_logprobs, grad_entropy, temperature=temperature,
+            ignore_index=ignore_index, rows=rows, cols=cols, backend=path, need_hidden=need_hidden,
+            need_weight=need_weight, need_bias=need_bias,
         )
-        grad_bias = grad_bias32.to(bias.dtype) if need_bias else None
-        return (grad_hidden, grad_weight, grad_bias) + nones
+    empty = hidden.new_empty(0)
+    return (grad_hidden if need_hidden else empty, grad_weight if need_weight else empty.clone(),
+            grad_bias32.to(bias.dtype) if need_bias else empty.clone())
+
+
+@_linear_stats_bwd_op.register_fake
+def _(hidden, weight, bias, labels, lse, entropy, grad_logprobs, grad_entropy, temperature, ignore_index,
+      chunk_tokens, chunk_vocab, backend, need_hidden, need_weight, need_bias):
+    empty = hidden.new_empty(0)
+    return (torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_hidden else empty,
+            torch.empty_like(weight, memory_format=torch.contiguous_format) if need_weight else empty.clone(),
+            torch.empty_like(bias) if need_bias else empty.clone())
+
+
+def _linear_stats_setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, chunk_tokens, chunk_vocab, backend, _ = \
+        inputs
+    _, entropy, lse = output
+    # References to the inputs plus per-token lse / entropy: nothing of size N x V.
+    ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy if compute_entropy else None)
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
+    ctx.config = (temperature, ignore_index, compute_entropy, chunk_tokens, chunk_vocab, backend)
+
+
+def _linear_stats_backward_formula(ctx, grad_logprobs, grad_entropy, _grad_lse):
+    hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
+    temperature, ignore_index, compute_entropy, chunk_tokens, chunk_vocab, backend = ctx.config
+    need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+    need_bias = need_bias and bias is not None
+    nones = (None,) * 8
+    if not compute_entropy:
+        grad_entropy = None
+    if (grad_logprobs is None and grad_entropy is None) or not (need_hidden or need_weight or need_bias):
+        return (None, None, None) + nones
+    grad_hidden, grad_weight, grad_bias = _linear_stats_bwd_op(
+        hidden, weight, bias, labels, lse, entropy, grad_logprobs, grad_entropy, temperature, ignore_index,
+        chunk_tokens, chunk_vocab, backend, need_hidden, need_weight, need_bias,
+    )
+    return (grad_hidden if need_hidden else None, grad_weight if need_weight else None,
+            grad_bias if need_bias else None) + nones
+
+
+torch.library.register_autograd("vrpo_fast::linear_stats_fwd", _linear_stats_backward_formula,
+                                setup_context=_linear_stats_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -325,10 +405,9 @@ def _check_chunk(name: str, value) -> Optional[int]:
 
 
 def _validate(hidden, weight, labels, bias, temperature, ignore_index):
+    """Shape / dtype / argument checks; no data is read (safe under torch.compile and on meta)."""
     check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, ndim=(2, 3))
     check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=(2,), device=hidden.device)
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
     H = hidden.shape[-1]
     if weight.shape[1] != H:
         raise ValueError(
@@ -339,7 +418,7 @@ def _validate(hidden, weight, labels, bias, temperature, ignore_index):
     if V == 0:
         raise ValueError("weight must have at least one row (vocabulary size V > 0)")
     if bias is not None:
-        check_tensor("bias", bias, dtypes=(hidden.dtype,), ndim=(1,), device=hidden.device)
+        check_tensor("bias", bias, dtypes=FLOAT_DTYPES, ndim=(1,), device=hidden.device)
         if bias.shape[0] != V:
             raise ValueError(f"bias must have shape [V] = [{V}] (weight.shape[0]), got {tuple(bias.shape)}")
     check_tensor("labels", labels, dtypes=INT_DTYPES, device=hidden.device)
@@ -353,64 +432,78 @@ def _validate(hidden, weight, labels, bias, temperature, ignore_index):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if labels.numel() > 0:
-        # One reduction (a device sync on CUDA): an out-of-range label would index outside a tile.
-        bad = ((labels < 0) | (labels >= V)) & (labels != ignore_index)
-        if bool(bad.any()):
-            raise ValueError(
-                f"labels must be in [0, {V}) or equal ignore_index={ignore_index}, got {labels[bad][0].item()}"
-            )
+
+
+_AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.dtype:
+    """The dtype the GEMMs run in: under ``torch.autocast`` on the inputs' device, the autocast dtype
+    (fp64 inputs are not autocast, as in ``nn.Linear``); otherwise ``torch.promote_types`` of the
+    three dtypes (bf16 hidden + fp32 weight -> fp32)."""
+    device_type = hidden.device.type
+    dtypes = [t.dtype for t in (hidden, weight, bias) if t is not None]
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        fast = torch.get_autocast_dtype(device_type)
+        dtypes = [fast if d in _AUTOCAST_ELIGIBLE else d for d in dtypes]
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        out = torch.promote_types(out, d)
+    return out
 
 
 def linear_logprobs_entropy(hidden, weight, labels, bias=None, *, temperature=1.0, ignore_index=-100,
-                            compute_entropy=True, chunk_tokens=None, chunk_vocab=None, backend="auto"):
+                            compute_entropy=True, chunk_tokens=None, chunk_vocab=None, backend="auto",
+                            out_dtype="auto"):
     """Per-token log-prob of ``labels`` and entropy of ``softmax((hidden @ weight.T + bias) / temperature)``.
 
     The N x V logits are never materialised: they are made and consumed one tile at a time (see the
-    module docstring for the algorithm and the workspace bound).
+    module docstring for the algorithm and the workspace bound). A PyTorch custom op underneath
+    (``torch.ops.vrpo_fast.linear_stats_fwd``), so ``torch.compile(fullgraph=True)`` traces it.
 
     Args:
-        hidden: [N, H] or [B, T, H] final hidden states, fp16 / bf16 / fp32 (fp64 on the torch path).
-        weight: [V, H] lm_head / ``nn.Linear`` weight, same dtype and device as ``hidden``.
+        hidden: [N, H] or [B, T, H] final hidden states, fp16 / bf16 / fp32 / fp64.
+        weight: [V, H] lm_head / ``nn.Linear`` weight on ``hidden``'s device.
         labels: integer tensor with the leading shape of ``hidden``; entries equal to
             ``ignore_index`` give 0 in both outputs and no gradient, the others must lie in [0, V).
-        bias: optional [V] bias, same dtype as ``weight``.
+        bias: optional [V] bias.
         temperature: divides the logits before the softmax (> 0).
         compute_entropy: if False, ``entropy`` is None and its work is skipped.
         chunk_tokens, chunk_vocab: tile shape. None picks it from a workspace budget (512 MiB on CUDA,
             64 MiB on CPU). Giving only ``chunk_tokens`` means full-vocabulary tiles.
         backend: "auto" (CUDA -> Triton statistics kernels, CPU -> chunked torch), "triton" or
             "torch". The matmuls always run through torch (cuBLAS / CPU BLAS).
+        out_dtype: "auto" (fp32; fp64 when the compute dtype is fp64), None (``hidden``'s dtype) or a
+            floating dtype.
+
+    Dtypes: ``hidden``, ``weight`` and ``bias`` are cast to one compute dtype (:func:`compute_dtype`):
+    the autocast dtype inside ``torch.autocast`` (so the GEMMs run in bf16 / fp16 there, like
+    ``nn.Linear``), else the promotion of their dtypes (bf16 hidden with an fp32 weight computes in
+    fp32). The statistics always accumulate in fp32 (fp64 for fp64); each gradient comes back in its
+    input's own dtype.
 
     Returns:
-        ``(logprobs, entropy)``, fp32 and shaped like ``labels`` (``entropy`` None when
+        ``(logprobs, entropy)`` shaped like ``labels`` (``entropy`` None when
         ``compute_entropy=False``), differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
     """
     _validate(hidden, weight, labels, bias, temperature, ignore_index)
     chunk_tokens = _check_chunk("chunk_tokens", chunk_tokens)
     chunk_vocab = _check_chunk("chunk_vocab", chunk_vocab)
-    backend = resolve_backend(backend, hidden, weight)
-    temperature = float(temperature)
-    compute_entropy = bool(compute_entropy)
+    check_backend(backend)
+    cdt = compute_dtype(hidden, weight, bias)
+    dtype = resolve_out_dtype(out_dtype, cdt if out_dtype == "auto" else hidden.dtype)
+    # Casts outside the op (differentiable, no-ops when the dtype already matches).
+    hidden, weight = hidden.to(cdt), weight.to(cdt)
+    bias = bias.to(cdt) if bias is not None else None
 
     lead_shape = labels.shape
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     if hidden2d.stride(-1) != 1:
         hidden2d = hidden2d.contiguous()
-    labels1d = labels.reshape(-1).long()
-    n, v = hidden2d.shape[0], weight.shape[0]
-    budget = DEFAULT_WORKSPACE_BYTES_CUDA if hidden.is_cuda else DEFAULT_WORKSPACE_BYTES_CPU
-    rows, cols = _plan_tiles(n, v, hidden.element_size(), hidden.dtype in _LOW_PRECISION, budget,
-                             chunk_tokens, chunk_vocab)
-
-    args = (temperature, ignore_index, compute_entropy, rows, cols, backend)
-    needs_grad = any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if torch.is_grad_enabled() and needs_grad:
-        logprobs, entropy = _LinearLogprobsEntropy.apply(hidden2d, weight, bias, labels1d, *args)
-    else:
-        logprobs, entropy, _ = _linear_stats_forward(
-            hidden2d, weight, bias, labels1d, temperature=temperature, ignore_index=ignore_index,
-            compute_entropy=compute_entropy, rows=rows, cols=cols, backend=backend,
-        )
-    logprobs = logprobs.view(lead_shape)
-    return logprobs, (entropy.view(lead_shape) if entropy is not None else None)
+    # int64 before any comparison: a narrow label dtype cannot hold V (or ignore_index).
+    logprobs, entropy, _ = _linear_stats_fwd_op(
+        hidden2d, weight, bias, labels.reshape(-1).long(), float(temperature), ignore_index, bool(compute_entropy),
+        chunk_tokens, chunk_vocab, backend, True,
+    )
+    logprobs = logprobs.view(lead_shape).to(dtype)
+    return logprobs, (entropy.view(lead_shape).to(dtype) if compute_entropy else None)

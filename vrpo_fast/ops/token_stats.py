@@ -90,7 +90,9 @@ def _forward_torch_2d(logits, labels, inv_temperature, ignore_index, compute_ent
         j = min(N, i + step)
         t, e = ws_t[: j - i], ws_e[: j - i]
         x = logits[i:j] if plain else _load_scaled(logits[i:j], inv_temperature, t)
-        m = x.amax(dim=1, keepdim=True)
+        # A row of -inf (e.g. a vocabulary slice under a masking bias) keeps a finite max, so that
+        # s = 0 and lse = -inf, not -inf - -inf = NaN; NaN still propagates through clamp.
+        m = x.amax(dim=1, keepdim=True).clamp_min_(torch.finfo(acc_dtype).min)
         x_label = x.gather(1, safe_labels[i:j]).squeeze(1)
         torch.sub(x, m, out=t)  # shifted logits, <= 0 (in place when x is t)
         torch.exp(t, out=e)
