@@ -27,6 +27,13 @@ _TILE = 2048
 _INT32_MAX = 2**31 - 1
 
 
+@triton.jit
+def _clamp_keep_nan(x, lo, hi):
+    # torch.clamp semantics: NaN stays NaN (tl.minimum / tl.maximum may return the other operand, and
+    # do on GPUs and in the interpreter alike for some inputs), so a NaN logvar gives a NaN z and KL.
+    return tl.where(x != x, x, tl.minimum(tl.maximum(x, lo), hi))
+
+
 @triton.jit(do_not_specialize=["seed"])
 def _vib_fwd_kernel(
     mu_ptr, lv_ptr, z_ptr, kl_ptr, ids_ptr,
@@ -51,7 +58,7 @@ def _vib_fwd_kernel(
         mu = tl.load(mu_ptr + rows[:, None] * stride_mu + cols[None, :], mask=m, other=0.0).to(COMPUTE)
         lv = tl.load(lv_ptr + rows[:, None] * stride_lv + cols[None, :], mask=m, other=0.0).to(COMPUTE)
         if CLAMP:
-            lv = tl.minimum(tl.maximum(lv, clamp_lo), clamp_hi)
+            lv = _clamp_keep_nan(lv, clamp_lo, clamp_hi)
         std = tl.exp(0.5 * lv)
         kl += tl.sum(mu * mu + std * std - lv - 1.0, axis=1)
         if TRAINING:
@@ -88,7 +95,7 @@ def _vib_bwd_kernel(
         lv_in = tl.load(lv_ptr + rows[:, None] * stride_lv + cols[None, :], mask=m, other=0.0).to(COMPUTE)
         lv = lv_in
         if CLAMP:
-            lv = tl.minimum(tl.maximum(lv_in, clamp_lo), clamp_hi)
+            lv = _clamp_keep_nan(lv_in, clamp_lo, clamp_hi)
         std = tl.exp(0.5 * lv)
         dmu = tl.zeros([BLOCK_R, BLOCK_L], dtype=COMPUTE)
         dlv = tl.zeros([BLOCK_R, BLOCK_L], dtype=COMPUTE)

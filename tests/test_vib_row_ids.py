@@ -286,8 +286,10 @@ def test_backward_keeps_only_mu_logvar_and_ids(backend):
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         vib_sample_kl(mu, logvar, seed=1, backend=backend, row_ids=IDS7)
-    assert len(saved) == 3 and saved[0] is mu and saved[1] is logvar
-    assert saved[2].dtype == torch.int64 and torch.equal(saved[2], IDS7)
+    # mu, logvar (the inputs themselves), the 0-d int64 seed, the ids.
+    assert len(saved) == 4 and [t.data_ptr() for t in saved[:2]] == [mu.data_ptr(), logvar.data_ptr()]
+    assert saved[2].dim() == 0 and int(saved[2]) == 1
+    assert saved[3].dtype == torch.int64 and torch.equal(saved[3], IDS7)
 
 
 # ----------------------------------------------------------------------------------------------

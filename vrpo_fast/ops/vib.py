@@ -34,14 +34,13 @@ for fp64 inputs).
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from ._common import (FLOAT_DTYPES, check_leading_shape, check_same_shape, check_tensor, check_uint63,
-                      resolve_backend)
+from ._common import (FLOAT_DTYPES, check_backend, check_leading_shape, check_same_shape, check_tensor, check_uint63,
+                      is_compiling, resolve_backend)
+from . import _cpu_ext
 from ._random import keyed_normal
 
 _SEED_LIMIT = 2**63
@@ -82,30 +81,12 @@ def _check_clamp(logvar_clamp) -> Optional[Tuple[float, float]]:
     return lo, hi
 
 
-def _check_row_ids(row_ids, mu: torch.Tensor, check_range: bool) -> torch.Tensor:
-    """Validate ``row_ids`` against ``mu`` ``[..., L]``; return them flattened to ``[rows]``.
-
-    Ids must lie in ``[0, (2**63 - L) // L]`` so that the Philox offset ``id * L + j`` fits in int64.
-    The range check is one min/max reduction (a host sync on CUDA); it is skipped in eval mode,
-    where the ids are not used.
-    """
+def _check_row_ids(row_ids, mu: torch.Tensor) -> torch.Tensor:
+    """Validate ``row_ids``' dtype, shape and device against ``mu`` ``[..., L]``; return them flattened
+    to ``[rows]``. Their range is checked inside the op (training only: eval does not use them)."""
     check_tensor("row_ids", row_ids, dtypes=_ROW_ID_DTYPES)
     check_leading_shape("row_ids", row_ids, "mu", mu)
-    flat = row_ids.reshape(-1)
-    if check_range and flat.numel() > 0:
-        n_cols = mu.shape[-1]
-        max_id = (2**63 - n_cols) // n_cols
-        lo, hi = (int(v) for v in torch.aminmax(flat))
-        if lo < 0:
-            raise ValueError(f"row_ids must be non-negative, got {lo}")
-        if hi > max_id:
-            raise ValueError(f"row_ids must be at most (2**63 - L) // L = {max_id} for L = {n_cols}, got {hi}")
-    return flat
-
-
-def _draw_seed() -> int:
-    # From torch's default CPU generator, so torch.manual_seed(...) makes seed=None reproducible.
-    return int(torch.randint(0, _SEED_LIMIT - 1, (), dtype=torch.int64).item())
+    return row_ids.reshape(-1)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -161,27 +142,12 @@ class _Scratch:
 
 
 def _for_each_block(n_rows: int, n_cols: int, device, dtype, body) -> None:
-    """Run ``body(block, r0, r1, scratch)`` over all row blocks (threaded on CPU)."""
-    on_cpu = device.type == "cpu"
-    step = max(1, _CPU_BLOCK_ELEMS // n_cols) if on_cpu else max(1, n_rows)
-    n_blocks = -(-n_rows // step)
-    if n_blocks == 0:
-        return
-    workers = min(torch.get_num_threads(), n_blocks) if on_cpu else 1
-    inference = torch.is_inference_mode_enabled()
-
-    def run(worker: int) -> None:
-        # Grad / inference modes are thread-local: pin them (writes into outputs via out=).
-        with torch.inference_mode(inference), torch.no_grad():
-            scratch = _Scratch(device, dtype)
-            for b in range(n_blocks * worker // workers, n_blocks * (worker + 1) // workers):
-                body(b, b * step, min(n_rows, (b + 1) * step), scratch)
-
-    if workers <= 1:
-        run(0)
-    else:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(run, range(workers)))  # list(): re-raise any worker exception
+    """Run ``body(block, r0, r1, scratch)`` over all row blocks, in order, on the calling thread
+    (the CPU fast path is the C++ extension, which threads over rows itself)."""
+    step = max(1, _CPU_BLOCK_ELEMS // n_cols) if device.type == "cpu" else max(1, n_rows)
+    scratch = _Scratch(device, dtype)
+    for b in range(-(-n_rows // step)):
+        body(b, b * step, min(n_rows, (b + 1) * step), scratch)
 
 
 def _out_of_range(x: torch.Tensor, clamp) -> bool:
@@ -198,14 +164,20 @@ def _out_of_range(x: torch.Tensor, clamp) -> bool:
 
 def _noise_fn(seed: int, row_ids: Optional[torch.Tensor], n_cols: int, device, dtype):
     """``noise(scratch, shape, block, r0, r1)`` -> eps for rows ``[r0, r1)``, the same in forward and
-    backward: the block's generator stream, or the keyed hash of (seed, row id, column)."""
-    if row_ids is None:
-        return lambda s, shape, b, r0, r1: s.randn(shape, seed, b)
+    backward: ``keyed_normal(seed, key, column)`` with key = the row id, or the flat row index when no
+    ids are given (the stream the C++ kernel draws, bit for bit)."""
     cols = torch.arange(n_cols, device=device).unsqueeze(0)
+    if row_ids is None:
+        return lambda s, shape, b, r0, r1: keyed_normal(
+            seed, torch.arange(r0, r1, device=device).unsqueeze(1), cols, dtype=dtype)
     return lambda s, shape, b, r0, r1: keyed_normal(seed, row_ids[r0:r1].unsqueeze(1), cols, dtype=dtype)
 
 
 def _forward_torch(mu, logvar, seed, training, clamp, kl_dtype, row_ids=None):
+    if mu.device.type == "cpu":
+        ext = _cpu_ext.extension("vib_forward", "vib_sample_kl")
+        if ext is not None:
+            return _forward_cpp(ext, mu, logvar, seed, training, clamp, kl_dtype, row_ids)
     n_rows, n_cols = mu.shape
     cdt = _compute_dtype(mu.dtype)
     noise = _noise_fn(seed, row_ids, n_cols, mu.device, cdt)
@@ -236,6 +208,10 @@ def _forward_torch(mu, logvar, seed, training, clamp, kl_dtype, row_ids=None):
 def _backward_torch(mu, logvar, grad_z, grad_kl, seed, clamp, row_ids=None):
     # dmu = grad_z + grad_kl * mu
     # dlv = [lo <= logvar <= hi] * (0.5 * grad_z * eps * std + 0.5 * grad_kl * (std^2 - 1))
+    if mu.device.type == "cpu":
+        ext = _cpu_ext.extension("vib_backward", "vib_sample_kl")
+        if ext is not None:
+            return _backward_cpp(ext, mu, logvar, grad_z, grad_kl, seed, clamp, row_ids)
     n_rows, n_cols = mu.shape
     cdt = _compute_dtype(mu.dtype)
     noise = _noise_fn(seed, row_ids, n_cols, mu.device, cdt)
@@ -286,65 +262,165 @@ def _backward_torch(mu, logvar, grad_z, grad_kl, seed, clamp, row_ids=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# autograd glue
+# CPU: the C++ extension (csrc/vib.cpp): one pass per row, noise hashed in registers, threads over
+# rows inside C++ with the GIL released. Same math and the same keyed_normal stream as above.
 # ----------------------------------------------------------------------------------------------
+def _ids_arg(row_ids):
+    if row_ids is None:
+        return None, 0, 0
+    ids = row_ids.contiguous()
+    return ids, ids.data_ptr(), (1 if ids.dtype == torch.int32 else 2)
 
 
-class _VIBSampleKL(torch.autograd.Function):
-    """Returns ``(z, kl)`` when training, ``kl`` alone in eval (there ``z`` is ``mu`` itself).
+def _clamp_bounds(clamp):
+    return (float(clamp[0]), float(clamp[1]), True) if clamp is not None else (0.0, 0.0, False)
 
-    ``row_ids`` is None or the flat ``[rows]`` integer ids (only passed when training)."""
 
-    @staticmethod
-    def forward(ctx, mu, logvar, seed, training, clamp, path, row_ids):
-        n_cols = mu.shape[-1]
-        kl_dtype = torch.promote_types(mu.dtype, torch.float32)
-        mu2, lv2 = mu.reshape(-1, n_cols), logvar.reshape(-1, n_cols)
-        if path == "triton":
-            from vrpo_fast.kernels._launch import last_dim_contiguous
-            from vrpo_fast.kernels.vib import vib_forward
+def _forward_cpp(ext, mu, logvar, seed, training, clamp, kl_dtype, row_ids):
+    n_rows, n_cols = mu.shape
+    mu, logvar = _cpu_ext.last_dim_contiguous(mu), _cpu_ext.last_dim_contiguous(logvar)
+    kl = torch.empty(n_rows, dtype=_compute_dtype(mu.dtype))
+    z = torch.empty((n_rows, n_cols), dtype=mu.dtype) if training else None
+    ids, ids_ptr, ids_code = _ids_arg(row_ids)
+    lo, hi, has_clamp = _clamp_bounds(clamp)
+    ext.vib_forward(mu.data_ptr(), logvar.data_ptr(), ids_ptr, z.data_ptr() if training else 0, kl.data_ptr(),
+                    n_rows, n_cols, _cpu_ext.row_stride(mu), _cpu_ext.row_stride(logvar),
+                    _cpu_ext.DTYPE_CODES[mu.dtype], ids_code, seed, training, lo, hi, has_clamp,
+                    torch.get_num_threads())
+    return z, kl.to(kl_dtype)
 
-            if row_ids is not None:
-                row_ids = row_ids.contiguous()
-            z, kl = vib_forward(
-                last_dim_contiguous(mu2), last_dim_contiguous(lv2), seed, training, clamp, kl_dtype, row_ids=row_ids
-            )
-        else:
-            z, kl = _forward_torch(mu2, lv2, seed, training, clamp, kl_dtype, row_ids=row_ids)
-        if row_ids is None:
-            ctx.save_for_backward(mu, logvar)
-        else:
-            ctx.save_for_backward(mu, logvar, row_ids)
-        ctx.seed, ctx.training, ctx.clamp, ctx.path = seed, training, clamp, path
-        ctx.set_materialize_grads(False)
-        kl = kl.view(mu.shape[:-1])
-        return (z.view(mu.shape), kl) if training else kl
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, *grads):
-        grad_z, grad_kl = grads if ctx.training else (None, grads[0])
-        if grad_z is None and grad_kl is None:
-            return None, None, None, None, None, None, None
-        mu, logvar, *rest = ctx.saved_tensors
-        row_ids = rest[0] if rest else None
-        n_cols = mu.shape[-1]
-        mu2, lv2 = mu.reshape(-1, n_cols), logvar.reshape(-1, n_cols)
-        gz2 = grad_z.reshape(-1, n_cols) if grad_z is not None else None
-        gkl1 = grad_kl.reshape(-1) if grad_kl is not None else None
-        if ctx.path == "triton":
-            from vrpo_fast.kernels._launch import last_dim_contiguous
-            from vrpo_fast.kernels.vib import vib_backward
+def _backward_cpp(ext, mu, logvar, grad_z, grad_kl, seed, clamp, row_ids):
+    n_rows, n_cols = mu.shape
+    mu, logvar = _cpu_ext.last_dim_contiguous(mu), _cpu_ext.last_dim_contiguous(logvar)
+    if grad_z is not None:
+        grad_z = _cpu_ext.last_dim_contiguous(grad_z.to(mu.dtype))
+    if grad_kl is not None:
+        grad_kl = grad_kl.to(_compute_dtype(mu.dtype)).contiguous()
+    dmu = torch.empty((n_rows, n_cols), dtype=mu.dtype)
+    dlv = torch.empty((n_rows, n_cols), dtype=logvar.dtype)
+    ids, ids_ptr, ids_code = _ids_arg(row_ids)
+    lo, hi, has_clamp = _clamp_bounds(clamp)
+    ext.vib_backward(mu.data_ptr(), logvar.data_ptr(), ids_ptr,
+                     grad_z.data_ptr() if grad_z is not None else 0,
+                     grad_kl.data_ptr() if grad_kl is not None else 0, dmu.data_ptr(), dlv.data_ptr(),
+                     n_rows, n_cols, _cpu_ext.row_stride(mu), _cpu_ext.row_stride(logvar),
+                     _cpu_ext.row_stride(grad_z) if grad_z is not None else 0,
+                     _cpu_ext.DTYPE_CODES[mu.dtype], ids_code, seed, lo, hi, has_clamp, torch.get_num_threads())
+    return dmu, dlv
 
-            dmu, dlv = vib_backward(
-                last_dim_contiguous(mu2), last_dim_contiguous(lv2),
-                last_dim_contiguous(gz2) if gz2 is not None else None,
-                gkl1.contiguous() if gkl1 is not None else None,
-                ctx.seed, ctx.clamp, row_ids=row_ids,
-            )
-        else:
-            dmu, dlv = _backward_torch(mu2, lv2, gz2, gkl1, ctx.seed, ctx.clamp, row_ids=row_ids)
-        return dmu.view(mu.shape), dlv.view(logvar.shape), None, None, None, None, None
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops. The seed travels as a 0-d int64 CPU tensor, so torch.compile neither specialises on it
+# (no recompile per seed) nor breaks the graph to draw one; the row_ids range check (data-dependent)
+# runs inside the op. Inputs are 2-D [rows, L] views.
+# ----------------------------------------------------------------------------------------------
+def _check_row_id_range(row_ids: torch.Tensor, n_cols: int) -> None:
+    """Ids in ``[0, (2**63 - L) // L]`` so that the Philox offset ``id * L + j`` fits in int64 (one
+    min/max reduction; a host sync on CUDA)."""
+    if row_ids.numel() == 0:
+        return
+    max_id = (2**63 - n_cols) // n_cols
+    lo, hi = (int(v) for v in torch.aminmax(row_ids))
+    if lo < 0:
+        raise ValueError(f"row_ids must be non-negative, got {lo}")
+    if hi > max_id:
+        raise ValueError(f"row_ids must be at most (2**63 - L) // L = {max_id} for L = {n_cols}, got {hi}")
+
+
+def _clamp_arg(has_clamp: bool, lo: float, hi: float):
+    return (lo, hi) if has_clamp else None
+
+
+@torch.library.custom_op("vrpo_fast::vib_fwd", mutates_args=())
+def _vib_fwd_op(mu: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor, training: bool, has_clamp: bool,
+                clamp_lo: float, clamp_hi: float, backend: str,
+                row_ids: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(z, kl)`` for ``[rows, L]`` inputs; ``z`` is an empty [0] tensor when not training."""
+    if int(seed) < 0:
+        raise ValueError(f"seed must be in [0, 2**63), got {int(seed)}")
+    if row_ids is not None:
+        _check_row_id_range(row_ids, mu.shape[-1])
+    path = resolve_backend(backend, mu, logvar)
+    clamp = _clamp_arg(has_clamp, clamp_lo, clamp_hi)
+    kl_dtype = torch.promote_types(mu.dtype, torch.float32)
+    if path == "triton":
+        from vrpo_fast.kernels._launch import last_dim_contiguous
+        from vrpo_fast.kernels.vib import vib_forward
+
+        z, kl = vib_forward(last_dim_contiguous(mu), last_dim_contiguous(logvar), int(seed), training, clamp,
+                            kl_dtype, row_ids=row_ids.contiguous() if row_ids is not None else None)
+    else:
+        z, kl = _forward_torch(mu, logvar, int(seed), training, clamp, kl_dtype, row_ids=row_ids)
+    return (z if training else mu.new_empty(0)), kl
+
+
+@_vib_fwd_op.register_fake
+def _(mu, logvar, seed, training, has_clamp, clamp_lo, clamp_hi, backend, row_ids):
+    z = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device) if training else mu.new_empty(0)
+    return z, mu.new_empty(mu.shape[:1], dtype=torch.promote_types(mu.dtype, torch.float32))
+
+
+@torch.library.custom_op("vrpo_fast::vib_bwd", mutates_args=())
+def _vib_bwd_op(mu: torch.Tensor, logvar: torch.Tensor, grad_z: Optional[torch.Tensor],
+                grad_kl: Optional[torch.Tensor], seed: torch.Tensor, has_clamp: bool, clamp_lo: float,
+                clamp_hi: float, backend: str, row_ids: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(d mu, d logvar)``, ``[rows, L]`` each; ``eps`` is drawn again from the seed (and ids)."""
+    path = resolve_backend(backend, mu, logvar)
+    clamp = _clamp_arg(has_clamp, clamp_lo, clamp_hi)
+    if path == "triton":
+        from vrpo_fast.kernels._launch import last_dim_contiguous
+        from vrpo_fast.kernels.vib import vib_backward
+
+        return vib_backward(
+            last_dim_contiguous(mu), last_dim_contiguous(logvar),
+            last_dim_contiguous(grad_z) if grad_z is not None else None,
+            grad_kl.contiguous() if grad_kl is not None else None,
+            int(seed), clamp, row_ids=row_ids.contiguous() if row_ids is not None else None,
+        )
+    return _backward_torch(mu, logvar, grad_z, grad_kl, int(seed), clamp, row_ids=row_ids)
+
+
+@_vib_bwd_op.register_fake
+def _(mu, logvar, grad_z, grad_kl, seed, has_clamp, clamp_lo, clamp_hi, backend, row_ids):
+    return (torch.empty(mu.shape, dtype=mu.dtype, device=mu.device),
+            torch.empty(logvar.shape, dtype=logvar.dtype, device=logvar.device))
+
+
+def _vib_setup_context(ctx, inputs, output):
+    mu, logvar, seed, training, has_clamp, clamp_lo, clamp_hi, backend, row_ids = inputs
+    # mu, logvar, the seed and the ids: eps is regenerated, never saved.
+    ctx.save_for_backward(mu, logvar, seed, row_ids)
+    ctx.set_materialize_grads(False)
+    ctx.config = (training, has_clamp, clamp_lo, clamp_hi, backend)
+
+
+def _vib_backward(ctx, grad_z, grad_kl):
+    mu, logvar, seed, row_ids = ctx.saved_tensors
+    training, has_clamp, clamp_lo, clamp_hi, backend = ctx.config
+    if not training:
+        grad_z = None
+    nones = (None,) * 7
+    if grad_z is None and grad_kl is None:
+        return (None, None) + nones
+    dmu, dlv = _vib_bwd_op(mu, logvar, grad_z, grad_kl, seed, has_clamp, clamp_lo, clamp_hi, backend, row_ids)
+    return (dmu, dlv) + nones
+
+
+torch.library.register_autograd("vrpo_fast::vib_fwd", _vib_backward, setup_context=_vib_setup_context)
+
+
+def _seed_tensor(seed, training: bool) -> torch.Tensor:
+    if seed is not None:
+        if is_compiling():
+            # No int() / operator.index here: that would specialise the graph on the seed's value
+            # (one recompile per seed). The op checks the sign of the value at run time.
+            return torch.scalar_tensor(seed, dtype=torch.int64)
+        return torch.tensor(check_uint63("seed", seed, "an int or None"), dtype=torch.int64)
+    if training:
+        # From torch's default CPU generator, so torch.manual_seed(...) makes seed=None reproducible.
+        return torch.randint(0, _SEED_LIMIT - 1, (), dtype=torch.int64)
+    return torch.zeros((), dtype=torch.int64)  # unused: eval draws no noise (and leaves the global RNG alone)
 
 
 def vib_sample_kl(
@@ -352,13 +428,16 @@ def vib_sample_kl(
 ):
     """Fused VIB sample ``z`` and per-row KL to N(0, I); see the module docstring for the math.
 
+    A PyTorch custom op underneath (``torch.ops.vrpo_fast.vib_fwd``), so ``torch.compile(fullgraph=True)``
+    traces it (also with ``seed=None``, drawn in the graph).
+
     Args:
         mu, logvar: ``[..., L]`` tensors of the same shape, dtype (fp32/bf16/fp16/fp64) and device.
         seed: int in ``[0, 2**63)`` fixing ``eps``; None draws one from torch's default CPU generator
             (so ``torch.manual_seed`` controls it). The same seed gives the same ``z`` on one backend.
         training: False returns ``z = mu`` (no noise) and still the KL.
         logvar_clamp: ``(low, high)`` applied to ``logvar`` before use (zero gradient outside it,
-            like ``torch.clamp``); None disables clamping.
+            like ``torch.clamp``; NaN stays NaN); None disables clamping.
         backend: ``"auto"`` (CUDA -> Triton, CPU -> torch), ``"triton"`` or ``"torch"``.
         row_ids: None, or an int32/int64 tensor of shape ``mu.shape[:-1]`` on ``mu``'s device: a
             non-negative id per row (at most ``(2**63 - L) // L``). Then ``eps[..., j]`` of a row is a
@@ -386,15 +465,13 @@ def vib_sample_kl(
         raise TypeError(f"training must be a bool, got {type(training).__name__}")
     clamp = _check_clamp(logvar_clamp)
     if row_ids is not None:
-        row_ids = _check_row_ids(row_ids, mu, check_range=training)
+        row_ids = _check_row_ids(row_ids, mu)
         if not training:
             row_ids = None  # eval draws no noise
-    path = resolve_backend(backend, mu, logvar)
-    if seed is not None:
-        seed = check_uint63("seed", seed, "an int or None")
-    elif training:
-        seed = _draw_seed()
-    else:
-        seed = 0  # unused: eval draws no noise (and leaves the global RNG alone)
-    out = _VIBSampleKL.apply(mu, logvar, seed, training, clamp, path, row_ids)
-    return out if training else (mu, out)
+    check_backend(backend)
+    seed_t = _seed_tensor(seed, training)
+    n_cols = mu.shape[-1]
+    z, kl = _vib_fwd_op(mu.reshape(-1, n_cols), logvar.reshape(-1, n_cols), seed_t, training, clamp is not None,
+                        clamp[0] if clamp else 0.0, clamp[1] if clamp else 0.0, backend, row_ids)
+    kl = kl.view(mu.shape[:-1])
+    return (z.view(mu.shape), kl) if training else (mu, kl)
