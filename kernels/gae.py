@@ -18,7 +18,8 @@ kernel also writes per-row ``(count, mean, M2)`` of the advantages (chunks merge
 formula), and :func:`_gae_whiten_kernel` merges the rows in a fixed order (deterministic, no atomics)
 and rescales the advantages in place.
 
-Arithmetic is fp32 (fp64 for fp64 inputs); ``gamma`` and ``gamma * lam`` arrive as fp32 hi/lo pairs so
+Arithmetic is fp32 (fp64 for fp64 inputs); fp16 / bf16 outputs are rounded once (with whitening, the
+raw advantages go through an fp32 buffer that the whitening kernel reads); ``gamma`` and ``gamma * lam`` arrive as fp32 hi/lo pairs so
 the fp64 path keeps ~48 bits of them (Triton passes Python floats to kernels as fp32).
 """
 from __future__ import annotations
@@ -130,7 +131,7 @@ def _gae_fwd_kernel(
 
 @triton.jit
 def _gae_whiten_kernel(
-    adv_ptr, m_ptr, stats_ptr,
+    adv_ptr, out_ptr, m_ptr, stats_ptr,
     B, T, s_mb, s_mt, n_elements,
     SHIFT_MEAN: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -158,7 +159,8 @@ def _gae_whiten_kernel(
     var = tl.sum(m2_tot, axis=0) / tl.maximum(n - 1.0, 1.0)  # unbiased (Bessel), as TRL / verl
     inv_std = 1.0 / tl.sqrt(var + 1e-8)
 
-    # Grid-stride over the flat [B, T] advantages (contiguous), rescaling in place.
+    # Grid-stride over the flat [B, T] advantages (contiguous), rescaled into out (adv itself, or the
+    # fp16 / bf16 output when adv is the fp32 staging buffer).
     lane = tl.arange(0, BLOCK)
     n_blocks = tl.cdiv(n_elements, BLOCK)
     for blk in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
@@ -172,7 +174,7 @@ def _gae_whiten_kernel(
         if not SHIFT_MEAN:
             w = w + mean
         w = tl.where(on, w, tl.zeros_like(w))
-        tl.store(adv_ptr + idx, w.to(adv_ptr.dtype.element_ty), mask=ok)
+        tl.store(out_ptr + idx, w.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def _split_hi_lo(x: float):
@@ -217,10 +219,14 @@ def gae_triton(rewards, values, mask, gamma: float, lam: float, whiten: bool, sh
     int64 = max(_max_offset(rewards), _max_offset(values), _max_offset(mask), B * T) > _INT32_MAX
 
     stats = torch.empty((B, 3) if whiten else (1,), dtype=stats_dtype, device=rewards.device)
+    # fp16 / bf16 with whitening: the raw advantages (and their statistics) stay fp32 until the
+    # whitened value is rounded, once; otherwise they would be rounded before and after whitening.
+    staged = whiten and rewards.dtype in (torch.float16, torch.bfloat16)
+    raw_adv = torch.empty((B, T), dtype=torch.float32, device=rewards.device) if staged else advantages
     g_hi, g_lo = _split_hi_lo(gamma)
     gl_hi, gl_lo = _split_hi_lo(gamma * lam)
     _gae_fwd_kernel[(triton.cdiv(B, rows),)](
-        rewards, values, mask, advantages, returns, stats,
+        rewards, values, mask, raw_adv, returns, stats,
         B, T,
         rewards.stride(0), rewards.stride(1), values.stride(0), values.stride(1), mask.stride(0), mask.stride(1),
         g_hi, g_lo, gl_hi, gl_lo,
@@ -235,7 +241,7 @@ def gae_triton(rewards, values, mask, gamma: float, lam: float, whiten: bool, sh
             dev_index = torch.cuda.current_device()
         programs = max(1, min(_whiten_programs(dev_index), triton.cdiv(n_elements, block)))
         _gae_whiten_kernel[(programs,)](
-            advantages, mask, stats,
+            raw_adv, advantages, mask, stats,
             B, T, mask.stride(0), mask.stride(1), n_elements,
             SHIFT_MEAN=shift_mean, COMPUTE=compute, BLOCK_B=min(1024, next_power_of_2(B)), BLOCK=block,
             num_warps=4,

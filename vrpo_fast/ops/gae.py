@@ -37,7 +37,7 @@ from typing import Tuple
 
 import torch
 
-from ._common import FLOAT_DTYPES, check_same_shape, check_tensor, resolve_backend
+from ._common import FLOAT_DTYPES, check_backend, check_same_shape, check_tensor, resolve_backend
 
 _WHITEN_EPS = 1e-8
 # Mask dtypes the C++ pass reads in place (codes shared with csrc/gae.cpp); others are converted.
@@ -130,26 +130,44 @@ def gae(
     _check_inputs(rewards, values, mask)
     gamma = _check_unit_interval("gamma", gamma)
     lam = _check_unit_interval("lam", lam)
+    check_backend(backend)
+    # No autograd: GAE targets are constants for the losses.
+    return _gae_op(rewards.detach(), values.detach(), mask.detach(), gamma, lam, bool(whiten), bool(shift_mean),
+                   backend, bool(validate))
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom op: torch.compile traces the fake kernel; the data checks (finite inputs, 0/1 mask) run
+# inside the op at run time, so they never become a Python branch in a traced graph.
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("vrpo_fast::gae", mutates_args=())
+def _gae_op(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float,
+            whiten: bool, shift_mean: bool, backend: str, validate: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     path = resolve_backend(backend, rewards, values, mask)
     B, T = rewards.shape
     if B == 0 or T == 0:
-        return torch.zeros_like(rewards, memory_format=torch.contiguous_format), torch.zeros_like(
-            rewards, memory_format=torch.contiguous_format
-        )
+        return torch.zeros((B, T), dtype=rewards.dtype, device=rewards.device), torch.zeros(
+            (B, T), dtype=rewards.dtype, device=rewards.device)
     with torch.no_grad():
-        rewards, values, mask = rewards.detach(), values.detach(), mask.detach()
         if path == "triton":
             if validate:
                 _validate_with_torch(rewards, values, mask)
             from vrpo_fast.kernels.gae import gae_triton
 
-            return gae_triton(rewards, values, mask, gamma, lam, bool(whiten), bool(shift_mean))
+            return gae_triton(rewards, values, mask, gamma, lam, whiten, shift_mean)
         ext = None if (rewards.is_cuda or _FORCE_TORCH_FALLBACK) else _extension_or_warn()
         if ext is not None:
-            return _gae_cpp(ext, rewards, values, mask, gamma, lam, bool(whiten), bool(shift_mean), validate)
+            return _gae_cpp(ext, rewards, values, mask, gamma, lam, whiten, shift_mean, validate)
         if validate:
             _validate_with_torch(rewards, values, mask)
-        return _gae_torch(rewards, values, mask, gamma, lam, bool(whiten), bool(shift_mean))
+        return _gae_torch(rewards, values, mask, gamma, lam, whiten, shift_mean)
+
+
+@_gae_op.register_fake
+def _(rewards, values, mask, gamma, lam, whiten, shift_mean, backend, validate):
+    B, T = rewards.shape
+    return (torch.empty((B, T), dtype=rewards.dtype, device=rewards.device),
+            torch.empty((B, T), dtype=rewards.dtype, device=rewards.device))
 
 
 # ----------------------------------------------------------------------------------------------
