@@ -123,7 +123,8 @@ def _extreme_logits(vocab=1000):
     x[0, ::3] = ninf  # -inf entries among finite ones
     x[1] = ninf
     x[1, 517] = -50.0  # the only finite entry
-    x[2] = ninf  # all -inf: token 0, like torch.argmax
+    x[2] = ninf
+    x[2, vocab - 1] = -1e30  # the last entry is the only one left (an all -inf row raises: see below)
     x[3] = torch.where(torch.rand(vocab, generator=g) < 0.5, 1e4, -1e4)
     x[4] = -1e4
     x[4, [10, 600, 999]] = 1e4  # one of three, by the noise
@@ -147,7 +148,7 @@ def test_extreme_and_infinite_logits(backend, temperature, num_chunks):
         # rows by the near-maximiser rule only, the others exactly.
         _assert_tokens(tok, logits, keys, seed=2, position=9, temperature=temperature, max_near_ties=3)
         assert logits[0, tok[0]] > -math.inf
-        assert tok[1].item() == 517 and tok[2].item() == 0 and tok[5].item() == 40
+        assert tok[1].item() == 517 and tok[2].item() == logits.shape[1] - 1 and tok[5].item() == 40
         assert tok[4].item() in (10, 600, 999) and tok[6].item() != 5
         assert logits[3, tok[3]] == logits[3].max()  # one of the +1e4 entries (9984 in bf16)
 
@@ -161,8 +162,9 @@ def test_ties_go_to_the_lowest_index_across_blocks(backend, num_chunks):
     x[1, [2124, 1100, 76]] = math.inf
     x[2, [2999, 2124, 1100]] = math.nan
     x[3] = -math.inf
+    x[3, 2124] = 0.0
     tok = keyed_sample(x, _keys(4), seed=1, position=2, temperature=1.3, backend=backend, _num_chunks=num_chunks)
-    assert tok.tolist() == [1100, 76, 1100, 0]
+    assert tok.tolist() == [1100, 76, 1100, 2124]
     assert torch.equal(tok, keyed_sample_reference(x, _keys(4), seed=1, position=2, temperature=1.3))
 
 

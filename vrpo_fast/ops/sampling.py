@@ -39,7 +39,9 @@ row in 10**5 .. 10**7 at fp32 scale); on one device the result is deterministic 
 
 Non-finite logits (same as ``torch.argmax`` on the perturbed scores, on every backend):
 
-* ``-inf`` entries are never chosen, unless the whole row is ``-inf``: then the token is 0.
+* ``-inf`` entries are never chosen. A row that is entirely ``-inf`` has nothing to sample and raises
+  ``ValueError`` naming the row (checked once per call from the drawn tokens: one gather of ``B``
+  values and a host read).
 * ``+inf`` entries win over everything finite; among several, the lowest index (no randomness).
 * NaN entries win over everything (the first NaN of the row is returned), as ``torch.argmax``
   treats NaN as the maximum. ``check_nan=True`` raises ``ValueError`` instead (one reduction over the
@@ -47,10 +49,13 @@ Non-finite logits (same as ``torch.argmax`` on the perturbed scores, on every ba
 """
 from __future__ import annotations
 
+import math
+from typing import Optional
 
 import torch
 
-from ._common import FLOAT_DTYPES, check_leading_shape, check_tensor, check_uint63, resolve_backend
+from ._common import (FLOAT_DTYPES, check_backend, check_leading_shape, check_tensor, check_uint63, is_compiling,
+                      resolve_backend)
 from ._random import keyed_gumbel
 
 __all__ = ["keyed_sample", "keyed_sample_reference"]
@@ -88,13 +93,55 @@ def _validate(logits, keys, seed, position, temperature):
         raise ValueError("logits must have a non-empty last (vocabulary) dimension")
     if logits.shape[1] >= 2**31:
         raise ValueError(f"logits' vocabulary dimension must be < 2**31, got {logits.shape[1]}")
-    seed = check_uint63("seed", seed)
-    position = check_uint63("position", position)
+    if is_compiling():
+        # No operator.index on the (symbolic) ints: that would recompile for every position. They
+        # travel as 0-d tensors and the op checks their sign at run time.
+        seed, position = torch.scalar_tensor(seed, dtype=torch.int64), torch.scalar_tensor(position, dtype=torch.int64)
+    else:
+        seed = torch.tensor(check_uint63("seed", seed), dtype=torch.int64)
+        position = torch.tensor(check_uint63("position", position), dtype=torch.int64)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
     if not (0 < temperature < float("inf")):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     return seed, position, float(temperature)
+
+
+def _check_rows_not_all_minus_inf(logits: torch.Tensor, tokens: torch.Tensor) -> None:
+    """A drawn token whose logit is -inf means the whole row is -inf: every finite logit (plus its
+    finite Gumbel) and every NaN / +inf beats -inf. One gather of B values and one host read."""
+    if tokens.numel() == 0:
+        return
+    drawn = logits.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    bad = drawn == -math.inf
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(f"logits row {row} is all -inf: there is no token to sample")
+
+
+@torch.library.custom_op("vrpo_fast::keyed_sample", mutates_args=())
+def _keyed_sample_op(logits: torch.Tensor, keys: torch.Tensor, seed: torch.Tensor, position: torch.Tensor,
+                     temperature: float, backend: str, check_nan: bool, num_chunks: Optional[int]) -> torch.Tensor:
+    seed, position = int(seed), int(position)
+    if seed < 0 or position < 0:
+        raise ValueError(f"seed and position must be in [0, 2**63), got seed={seed}, position={position}")
+    path = resolve_backend(backend, logits, keys)
+    if check_nan and bool(torch.isnan(logits).any()):
+        raise ValueError("logits contains NaN (check_nan=True)")
+    if path == "triton":
+        from vrpo_fast.kernels.sampling import keyed_sample_fwd
+
+        tokens = keyed_sample_fwd(logits, keys.contiguous(), seed=seed, position=position, temperature=temperature,
+                                  num_chunks=num_chunks)
+    else:
+        tokens = _sample_torch(logits, keys, seed, position, temperature)
+    _check_rows_not_all_minus_inf(logits, tokens)
+    return tokens
+
+
+@_keyed_sample_op.register_fake
+def _(logits, keys, seed, position, temperature, backend, check_nan, num_chunks):
+    return logits.new_empty(logits.shape[:1], dtype=torch.int64)
 
 
 def keyed_sample(logits, keys, *, seed, position, temperature=1.0, backend="auto", check_nan=False,
@@ -114,15 +161,10 @@ def keyed_sample(logits, keys, *, seed, position, temperature=1.0, backend="auto
             without it a NaN entry is returned as the row's token, as ``torch.argmax`` would.
 
     Returns:
-        int64 ``[B]`` token ids on the logits' device. Non-finite logits: see the module docstring.
+        int64 ``[B]`` token ids on the logits' device. Non-finite logits: see the module docstring (a
+        row that is all ``-inf`` raises ``ValueError``). A PyTorch custom op underneath
+        (``torch.ops.vrpo_fast.keyed_sample``): ``torch.compile(fullgraph=True)`` traces it.
     """
     seed, position, temperature = _validate(logits, keys, seed, position, temperature)
-    backend = resolve_backend(backend, logits, keys)
-    if check_nan and bool(torch.isnan(logits).any()):
-        raise ValueError("logits contains NaN (check_nan=True)")
-    if backend == "triton":
-        from vrpo_fast.kernels.sampling import keyed_sample_fwd
-
-        return keyed_sample_fwd(logits, keys.contiguous(), seed=seed, position=position, temperature=temperature,
-                                num_chunks=_num_chunks)
-    return _sample_torch(logits, keys, seed, position, temperature)
+    check_backend(backend)
+    return _keyed_sample_op(logits, keys, seed, position, temperature, backend, bool(check_nan), _num_chunks)
