@@ -23,7 +23,8 @@ def test_atomic_directory_replaces_and_cleans_up(tmp_path):
     final = str(tmp_path / "d")
     ckpt.atomic_directory(final, lambda d: open(os.path.join(d, "a"), "w").write("1"))
     ckpt.atomic_directory(final, lambda d: open(os.path.join(d, "b"), "w").write("2"))
-    assert sorted(os.listdir(final)) == ["b"]  # replaced, not merged
+    assert sorted(os.listdir(final)) == ["MANIFEST.json", "b"]  # replaced, not merged
+    assert ckpt.verify_manifest(final) is None
     assert sorted(os.listdir(tmp_path)) == ["d"]  # no .tmp / .old left behind
 
 

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from vrpo_fast import evaluation
 from vrpo_fast import trainer as trainer_mod
 from vrpo_fast.config import GROUPS
 from vrpo_fast.metrics import read_metrics, without_timings
@@ -219,7 +220,7 @@ def test_warmup_stops_once_the_probe_reaches_the_target(tmp_path, monkeypatch):
         probes.append(len(examples))
         return 0.4
 
-    monkeypatch.setattr(trainer_mod, "evaluate", fake_evaluate)
+    monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
     summary = run_training(tiny_config(tmp_path, steps=1, warmup_steps=10, warmup_check_every=2, warmup_target=0.3,
                                        warmup_probe_size=5))
     with open(os.path.join(summary["run_dir"], "warmup.json")) as f:

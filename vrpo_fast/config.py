@@ -8,7 +8,11 @@ tuned to finish in a few minutes on a 2-core CPU and to improve clearly over the
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
@@ -71,6 +75,9 @@ class TaskConfig:
     noise_kwargs: Dict[str, Any] = _opt({}, "extra keyword arguments for make_noise, as JSON "
                                              "(e.g. '{\"bias_coef\": 0.3}' for --noise-type bias)")
     num_eval: int = _opt(256, "held-out prompts scored before and after RL (at most the task's eval split)")
+    max_prompt_tokens: int = _opt(2048, "longest prompt or reference answer accepted, in tokens: a longer one in a "
+                                        "task file is refused naming file:line (lines over 64 bytes per token are "
+                                        "refused before they are parsed)")
 
 
 @dataclass
@@ -115,7 +122,7 @@ class OptimConfig:
     mini_batch_size: int = _opt(64, "rollouts per optimiser step, all processes together")
     ppo_epochs: int = _opt(2, "passes over each rollout batch")
     grad_accum_steps: int = _opt(1, "micro-batches per mini-batch (gradient accumulation)")
-    max_grad_norm: float = _opt(1.0, "gradient clipping (L2 norm, per model)")
+    max_grad_norm: float = _opt(1.0, "gradient clipping (L2 norm, per model); > 0, or inf for no clipping")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
     lr_schedule: str = _opt("constant", "learning-rate schedule over the RL steps", choices=("constant", "linear"))
     warmup_steps: int = _opt(1000, "most supervised warm-up steps on the task's reference completions before RL "
@@ -135,7 +142,7 @@ class RunConfig:
     output_dir: str = _opt("runs/{task}-{algo}-seed{seed}", "run directory ({task}, {algo}, {seed} are filled in)")
     resume: bool = _opt(False, "continue the run in --output-dir from its latest checkpoint")
     save_every: int = _opt(50, "checkpoint every N steps (and always at the end); 0: only at the end")
-    keep_checkpoints: int = _opt(2, "how many step checkpoints to keep")
+    keep_checkpoints: int = _opt(2, "how many step checkpoints to keep (>= 1; the newest by step number)")
     progress: bool = _opt(True, "show a progress bar")
 
 
@@ -274,3 +281,79 @@ class TrainConfig:
                 raise ValueError("--lora-r needs the 'peft' package: pip install -e '.[lora]' (or pip install peft)")
         if not (self.task.reward == "rule" or self.task.reward.startswith("model:")):
             raise ValueError(f"--reward must be 'rule' or 'model:PATH', got {self.task.reward!r}")
+        self._validate_run_options()
+        self._validate_kwargs()
+
+    def _validate_run_options(self) -> None:
+        o, run = self.optim, self.run
+        if not o.max_grad_norm > 0:  # also NaN; inf (no clipping) is allowed
+            raise ValueError(f"--max-grad-norm must be > 0 (or inf for no clipping), got {o.max_grad_norm}")
+        if run.save_every < 0:
+            raise ValueError(f"--save-every must be >= 0 (0: only at the end), got {run.save_every}")
+        if run.keep_checkpoints < 1:
+            raise ValueError(f"--keep-checkpoints must be >= 1, got {run.keep_checkpoints}")
+        if self.task.max_prompt_tokens < 1:
+            raise ValueError(f"--max-prompt-tokens must be >= 1, got {self.task.max_prompt_tokens}")
+        for name in ("lr", "critic_lr", "warmup_lr"):
+            value = getattr(o, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+
+    def _validate_kwargs(self) -> None:
+        import importlib
+
+        from .tasks import TASKS
+        from .tasks.noise import make_noise
+
+        module, cls = TASKS[self.task.task].split(":")
+        task_cls = getattr(importlib.import_module(module), cls)
+        check_kwargs("--task-kwargs", task_cls.__init__, self.task.task_kwargs, what=f"task {self.task.task!r}")
+        check_kwargs("--noise-kwargs", make_noise, self.task.noise_kwargs, what="make_noise",
+                     reserved={"noise_type": "--noise-type", "rate": "--noise-rate", "std": "--noise-std",
+                               "seed": "--seed"})
+
+
+def _type_ok(value, annotation) -> bool:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is typing.Any or annotation is inspect.Parameter.empty:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in args)
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True  # an annotation this check does not understand: the constructor decides
+
+
+def _type_name(annotation) -> str:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " or ".join("None" if a is type(None) else _type_name(a) for a in typing.get_args(annotation))
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def check_kwargs(option: str, fn, kwargs: Dict[str, Any], *, what: str, reserved: Optional[Dict[str, str]] = None
+                 ) -> None:
+    """Refuse keys ``fn`` does not take and values of the wrong type, naming ``option`` and the accepted keys."""
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"{option} must be a JSON object, got {kwargs!r}")
+    reserved = reserved or {}
+    sig = inspect.signature(fn)
+    hints = typing.get_type_hints(fn)
+    params = {n: p for n, p in sig.parameters.items()
+              if n != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n not in reserved}
+    accepted = ", ".join(sorted(params)) or "none"
+    for key, value in kwargs.items():
+        if key in reserved:
+            raise ValueError(f"{option}: {key!r} is set by {reserved[key]}, not here (accepted keys for {what}: "
+                             f"{accepted})")
+        if key not in params:
+            raise ValueError(f"{option}: unknown key {key!r} for {what} (accepted keys: {accepted})")
+        annotation = hints.get(key, inspect.Parameter.empty)
+        if not _type_ok(value, annotation):
+            raise ValueError(f"{option}: {key!r} must be {_type_name(annotation)}, got {value!r} "
+                             f"({type(value).__name__})")

@@ -22,7 +22,8 @@ class MetricsWriter:
     """Appends one JSON object per line. ``resume_step``: drop lines logged after that step first.
 
     A run stopped between two checkpoints may have logged steps that the resumed run will redo;
-    cutting them keeps ``metrics.jsonl`` one line per step.
+    cutting them keeps ``metrics.jsonl`` one line per step. A torn last line (the disk filled, or the
+    process died, in the middle of an append) is dropped with a message; the lines before it are kept.
     """
 
     def __init__(self, path: str, *, resume_step: Optional[int] = None):
@@ -31,21 +32,45 @@ class MetricsWriter:
         if resume_step is None:
             open(path, "w").close()
         else:
-            kept = [r for r in read_metrics(path) if r.get("step", 0) <= resume_step] if os.path.exists(path) else []
-            tmp = f"{path}.tmp"
-            with open(tmp, "w") as f:
+            kept = [r for r in read_metrics(path, drop_torn_tail=True, say=print) if r.get("step", 0) <= resume_step] \
+                if os.path.exists(path) else []
+            tmp = f"{path}.tmp-{os.getpid()}"
+            with open(tmp, "w", encoding="utf-8") as f:
                 for record in kept:
                     f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, path)
 
     def log(self, record: Dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
+        with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
 
 
-def read_metrics(path: str) -> List[Dict[str, Any]]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_metrics(path: str, *, drop_torn_tail: bool = False, say=None) -> List[Dict[str, Any]]:
+    """The records of a ``metrics.jsonl``. A line that is not a JSON object raises ValueError naming
+    ``path:line``, except, with ``drop_torn_tail``, an unparsable LAST line (a torn append), which is
+    dropped (and reported through ``say``)."""
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    records = []
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    for i, raw in enumerate(lines):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            if drop_torn_tail and i == last:
+                if say is not None:
+                    say(f"[vrpo_fast] {path}:{i + 1}: dropped a torn last line ({len(raw)} bytes; the steps before "
+                        f"it are kept)")
+                break
+            raise ValueError(f"{path}:{i + 1}: not a metrics record ({err})") from None
+        records.append(record)
+    return records
 
 
 def without_timings(records: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:

@@ -17,18 +17,24 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 import typing
 from typing import List, Optional
 
 from .config import GROUPS, TrainConfig
 from .models.presets import ModelExtraMissingError
-from .trainer import NonFiniteLossError, run_training
+from .errors import NonFiniteLossError, TrainingInterrupted
+from .trainer import run_training
 
-__all__ = ["TrainConfig", "run_training", "NonFiniteLossError", "build_parser", "parse_config", "main"]
+__all__ = ["TrainConfig", "run_training", "NonFiniteLossError", "TrainingInterrupted", "build_parser",
+           "parse_config", "main"]
 
 EXIT_NONFINITE = 3
 EXIT_USAGE = 2
+EXIT_IO = 1
+EXIT_SIGINT = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+EXIT_SIGTERM = 143  # 128 + SIGTERM
 
 
 def _arg_type(annotation):
@@ -133,6 +139,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, ModelExtraMissingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as err:  # disk full, permission denied, ...: the checkpoints already written are intact
+        print(f"error: {err}. Completed checkpoints are intact: fix this, then rerun with --resume to continue",
+              file=sys.stderr)
+        return EXIT_IO
+    except TrainingInterrupted as err:
+        print(f"{err}", file=sys.stderr, flush=True)
+        return EXIT_SIGTERM if err.signum == signal.SIGTERM else EXIT_SIGINT
+    except KeyboardInterrupt:  # before the trainer started (building the accelerator)
+        print("interrupted before training started: nothing was written", file=sys.stderr, flush=True)
+        return EXIT_SIGINT
     from accelerate.state import PartialState
 
     if PartialState().is_main_process:
@@ -141,4 +157,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # a second Ctrl-C while the first one is being handled
+        sys.exit(EXIT_SIGINT)

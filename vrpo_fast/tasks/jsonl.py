@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 import random
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 T = TypeVar("T")
@@ -17,31 +19,69 @@ class JsonlError(ValueError):
         super().__init__(f"{path}:{lineno}: {reason}")
 
 
+# Longest line read from a task file, in bytes: a record longer than this is refused (naming
+# file:line) before it is parsed, so one huge line cannot grow memory without bound. The trainer sets
+# it from --max-prompt-tokens (64 bytes per token: no tokenizer's token is longer) with line_limit().
+_LINE_LIMIT: ContextVar[int] = ContextVar("vrpo_fast_jsonl_line_limit", default=64 * 2048)
+
+
+@contextmanager
+def line_limit(max_bytes: int):
+    """Within this block, :func:`iter_jsonl` refuses lines longer than ``max_bytes`` bytes."""
+    token = _LINE_LIMIT.set(int(max_bytes))
+    try:
+        yield
+    finally:
+        _LINE_LIMIT.reset(token)
+
+
+def _lines(path: str, limit: int) -> Iterator[Tuple[int, str]]:
+    """(line number, decoded line) of a UTF-8 file (a leading BOM is accepted), reading at most
+    ``limit`` bytes of any line."""
+    with open(path, "rb") as f:
+        lineno = 0
+        while True:
+            raw = f.readline(limit + 1)
+            if not raw:
+                return
+            lineno += 1
+            if len(raw) > limit and not raw.endswith(b"\n"):
+                raise JsonlError(path, lineno, f"line longer than {limit} bytes (the cap set by --max-prompt-tokens "
+                                               f"x 64 bytes): a prompt or answer that long is refused")
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise JsonlError(path, lineno, f"invalid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                               f"task files must be UTF-8") from None
+
+
 def iter_jsonl(path: str, required: Sequence[str] = ()) -> Iterator[Tuple[int, Dict[str, Any]]]:
     """Yield ``(line_number, record)`` for every non-blank line of ``path`` (1-based line numbers).
 
-    Raises :class:`JsonlError` (a ValueError) for a line that is not JSON, not a JSON object, or
-    lacks one of the ``required`` keys, and FileNotFoundError if ``path`` does not exist.
+    Raises :class:`JsonlError` (a ValueError) for a line that is not UTF-8, not JSON, not a JSON
+    object, longer than the line limit (:func:`line_limit`), or lacking one of the ``required`` keys,
+    and FileNotFoundError if ``path`` does not exist. A UTF-8 byte-order mark is accepted.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"task data file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise JsonlError(path, lineno, f"invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise JsonlError(path, lineno, f"expected a JSON object, got {type(record).__name__}")
-            missing = [k for k in required if k not in record]
-            if missing:
-                raise JsonlError(
-                    path, lineno, f"missing key(s) {', '.join(map(repr, missing))} (has: {', '.join(map(repr, record))})"
-                )
-            yield lineno, record
+    for lineno, line in _lines(path, _LINE_LIMIT.get()):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise JsonlError(path, lineno, f"invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise JsonlError(path, lineno, f"expected a JSON object, got {type(record).__name__}")
+        missing = [k for k in required if k not in record]
+        if missing:
+            raise JsonlError(
+                path, lineno, f"missing key(s) {', '.join(map(repr, missing))} (has: {', '.join(map(repr, record))})"
+            )
+        yield lineno, record
 
 
 def require_str(path: str, lineno: int, record: Dict[str, Any], key: str, allow_empty: bool = False) -> str:
@@ -90,7 +130,7 @@ def split_user_examples(
     return train, held
 
 
-__all__ = ["JsonlError", "iter_jsonl", "require_str", "split_user_examples"]
+__all__ = ["JsonlError", "iter_jsonl", "line_limit", "require_str", "split_user_examples"]
 
 
 def build_splits(
