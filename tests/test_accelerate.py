@@ -123,6 +123,18 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, al
 
 
 @pytest.mark.slow
+def test_linear_lr_schedule_is_the_same_on_two_processes(tmp_path):
+    """The LR after k RL steps is the single-process LR after k steps (accelerate would otherwise step a
+    prepared scheduler once per process, decaying it N times too fast)."""
+    sched = ["--lr-schedule", "linear", "--steps", "3", "--lr", "1e-3", "--critic-lr", "2e-3"]
+    _, one, _ = _run(tmp_path, "one", "vrpo", *sched, processes=1)
+    _, two, _ = _run(tmp_path, "two", "vrpo", *sched, processes=2)
+    expected = [1e-3 * (1 - k / 3) for k in (1, 2, 3)]
+    assert [r["lr"] for r in one] == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert [r["lr"] for r in two] == [r["lr"] for r in one]
+
+
+@pytest.mark.slow
 def test_equivalence_tolerance_separates_different_runs(tmp_path):
     """Control for the test above: another seed (other samples and noise) is far outside its tolerance."""
     a_dir, a, _ = _run(tmp_path, "a", "vrpo", processes=1)
