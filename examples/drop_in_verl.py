@@ -16,6 +16,12 @@ carried running advantage there; none of verl's losses read them). Recursion and
 fused in :func:`vrpo_fast.ops.gae` (C++ scan on CPU, one Triton launch on CUDA; ``backend=`` forces
 one), whose whitening uses the same unbiased variance and eps as verl's ``masked_whiten``.
 
+verl's token scoring (``verl/utils/torch_functional.py``) has drop-ins here too:
+``logprobs_from_logits(logits, labels, inplace_backward=True)`` (``log_softmax(logits)`` gathered at
+``labels``) and ``entropy_from_logits(logits)`` (``logsumexp(logits) - sum softmax(logits) * logits``),
+both through :func:`vrpo_fast.ops.token_logprobs_entropy`: one pass, no ``[.., V]`` softmax temporary,
+fp32 out (``out_dtype=None``: the logits' dtype, as verl), any number of leading dims.
+
 Run ``python examples/drop_in_verl.py`` for a CPU check against a plain-PyTorch verl recursion.
 """
 from __future__ import annotations
@@ -25,7 +31,7 @@ from typing import Tuple
 
 import torch
 
-from vrpo_fast.ops import gae
+from vrpo_fast.ops import gae, token_logprobs_entropy
 
 
 def compute_gae_advantage_return(token_level_rewards: torch.Tensor, values: torch.Tensor,
@@ -40,6 +46,33 @@ def compute_gae_advantage_return(token_level_rewards: torch.Tensor, values: torc
     # Same statistics as verl's masked_whiten: masked mean, unbiased variance, rsqrt(var + 1e-8).
     return gae(token_level_rewards, values, response_mask, gamma=float(gamma), lam=float(lam), whiten=True,
                backend=backend)
+
+
+def _rows(logits: torch.Tensor, labels: torch.Tensor, compute_entropy: bool, backend: str, out_dtype):
+    lead = logits.shape[:-1]
+    lp, h = token_logprobs_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                   compute_entropy=compute_entropy, backend=backend, out_dtype=out_dtype)
+    return lp.view(lead), (h.view(lead) if h is not None else None)
+
+
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, inplace_backward: bool = True, *,
+                         backend: str = "auto", out_dtype="auto") -> torch.Tensor:
+    """verl's ``logprobs_from_logits``: ``log_softmax(logits)[labels]`` per position.
+
+    ``inplace_backward`` is accepted and not used: verl's flash-attn path overwrites the logits with
+    their gradient, which corrupts any other consumer of the logits (e.g. an entropy bonus computed
+    from the same tensor); here the gradient always gets its own buffer.
+    """
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(f"labels must have the leading shape of logits {tuple(logits.shape[:-1])}, "
+                         f"got {tuple(labels.shape)}")
+    return _rows(logits, labels, False, backend, out_dtype)[0]
+
+
+def entropy_from_logits(logits: torch.Tensor, *, backend: str = "auto", out_dtype="auto") -> torch.Tensor:
+    """verl's ``entropy_from_logits``: the entropy of ``softmax(logits)`` at every position (no mask)."""
+    labels = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
+    return _rows(logits, labels, True, backend, out_dtype)[1]
 
 
 def patch_verl() -> bool:

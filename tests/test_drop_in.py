@@ -7,6 +7,7 @@ exact function, and in the framework's own dtype where the point is "no worse th
 from __future__ import annotations
 
 import importlib.util
+import math
 import pathlib
 import sys
 import types
@@ -14,9 +15,10 @@ import zlib
 
 import pytest
 import torch
+import torch._dynamo
 
 from conftest import requires_triton
-from vrpo_fast.ops import gae
+from vrpo_fast.ops import gae, linear_logprobs_entropy
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 
@@ -24,6 +26,7 @@ EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 def _load_example(name: str):
     spec = importlib.util.spec_from_file_location(f"_example_{name}", EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # importable by name (torch.compile looks functions' modules up)
     spec.loader.exec_module(module)
     return module
 
@@ -154,7 +157,7 @@ def test_trl_entropy_requires_grad_flag_and_leading_dims(trl_drop):
     gen = torch.Generator().manual_seed(5)
     logits = torch.randn(2, 3, 4, 17, generator=gen, requires_grad=True)  # 4-D: flattened internally
     index = torch.randint(0, 17, (2, 3, 4), generator=gen)
-    lp, h = trl_drop.selective_log_softmax_and_entropy(logits, index, entropy_requires_grad=False)
+    lp, h = trl_drop.selective_log_softmax_and_entropy(logits, index, entropy_requires_grad=False)  # keyword only
     assert lp.requires_grad and not h.requires_grad
     assert lp.shape == h.shape == (2, 3, 4)
     torch.testing.assert_close(lp.double(), trl_logps(logits.detach().double(), index), rtol=1e-6, atol=1e-6)
@@ -227,27 +230,139 @@ def test_trl_fused_lm_head(trl_drop, dtype, with_bias):
     torch.testing.assert_close(head.weight.grad.double(), w64.grad, **gtol)
 
 
-def test_patch_trl_rebinds_imported_names(trl_drop, monkeypatch):
-    """patch_trl rebinds the names in every loaded trl.* module that holds them, nothing else."""
-    def old(*args, **kwargs):
-        raise AssertionError("not patched")
+# TRL's helpers with their real signatures (trl/trainer/utils.py v1.9 and trl/kernels/logprob_entropy.py),
+# as stand-ins when TRL is not installed. Bodies are TRL's semantics in plain PyTorch.
+def _trl_selective_log_softmax(logits, index):
+    return trl_logps(logits, index)
 
+
+def _trl_entropy_from_logits(logits, chunk_size: int = 128):
+    return trl_entropy(logits)
+
+
+def _trl_selective_log_softmax_and_entropy(logits, index, temperature: float = 1.0, row_mask=None):
+    x = logits if logits.dtype == torch.float64 else logits.float()  # the kernel computes in fp32
+    lp, h = trl_logps(x, index, temperature, row_mask), trl_entropy(x, temperature)
+    return lp, (h if row_mask is None else h.masked_fill(row_mask == 0, 0.0))
+
+
+def _install_fake_trl(monkeypatch):
     utils = types.ModuleType("trl.trainer.utils")
-    utils.selective_log_softmax, utils.entropy_from_logits = old, old
-    utils.selective_log_softmax_and_entropy = old
-    trainer = types.ModuleType("trl.trainer.grpo_trainer")
-    trainer.selective_log_softmax = old
+    utils.selective_log_softmax = _trl_selective_log_softmax
+    utils.entropy_from_logits = _trl_entropy_from_logits
+    kernels = types.ModuleType("trl.kernels")
+    kernels.selective_log_softmax_and_entropy = _trl_selective_log_softmax_and_entropy
+    trainer = types.ModuleType("trl.trainer.grpo_trainer")  # `from ..trainer.utils import ...`
+    trainer.selective_log_softmax = _trl_selective_log_softmax
+
+    def selective_log_softmax(logits, index, row_mask=None, temperature=1.0):  # same name, other order
+        raise AssertionError("must not be rebound")
+
+    experimental = types.ModuleType("trl.experimental.custom")
+    experimental.selective_log_softmax = selective_log_softmax
     other = types.ModuleType("trlx_other")
-    other.selective_log_softmax = old
-    for module in (utils, trainer, other):
+    other.selective_log_softmax = _trl_selective_log_softmax
+    for module in (utils, kernels, trainer, experimental, other):
         monkeypatch.setitem(sys.modules, module.__name__, module)
-    patched = trl_drop.patch_trl()
+    return utils, kernels, trainer, experimental, other
+
+
+def test_patch_trl_rebinds_only_matching_signatures(trl_drop, monkeypatch):
+    """patch_trl rebinds the names whose installed signature the replacement matches, in every loaded
+    trl.* module, warns about the others and touches nothing outside trl."""
+    utils, kernels, trainer, experimental, other = _install_fake_trl(monkeypatch)
+    original = experimental.selective_log_softmax
+    with pytest.warns(RuntimeWarning, match=r"trl\.experimental\.custom\.selective_log_softmax alone"):
+        patched = trl_drop.patch_trl()
     assert set(patched) == {"trl.trainer.utils.selective_log_softmax", "trl.trainer.utils.entropy_from_logits",
-                            "trl.trainer.utils.selective_log_softmax_and_entropy",
+                            "trl.kernels.selective_log_softmax_and_entropy",
                             "trl.trainer.grpo_trainer.selective_log_softmax"}
     assert trainer.selective_log_softmax is trl_drop.selective_log_softmax
     assert utils.entropy_from_logits is trl_drop.entropy_from_logits
-    assert other.selective_log_softmax is old
+    assert kernels.selective_log_softmax_and_entropy is trl_drop.selective_log_softmax_and_entropy
+    assert experimental.selective_log_softmax is original
+    assert other.selective_log_softmax is _trl_selective_log_softmax
+    with pytest.warns(RuntimeWarning):
+        assert trl_drop.patch_trl() == []  # idempotent: the others are the replacements already
+
+
+def test_signature_rule(trl_drop):
+    ours = trl_drop.selective_log_softmax_and_entropy
+    for upstream in (_trl_selective_log_softmax_and_entropy, _trl_selective_log_softmax):
+        assert trl_drop.signature_mismatch(upstream, ours) is None
+
+    def wrong_default(logits, index, temperature=0.9, row_mask=None):
+        pass
+
+    def old_order(logits, index, entropy_requires_grad=True, temperature=1.0, row_mask=None):
+        pass
+
+    def more(logits, index, temperature=1.0, row_mask=None, chunk=1, extra=2, again=3, more=4, most=5):
+        pass
+
+    assert "temperature" in trl_drop.signature_mismatch(wrong_default, ours)
+    assert "entropy_requires_grad" in trl_drop.signature_mismatch(old_order, ours)
+    assert "more parameters" in trl_drop.signature_mismatch(more, ours)
+
+
+def test_patch_trl_against_the_installed_trl():
+    pytest.importorskip("trl")
+    drop = _load_example("drop_in_trl")
+    import trl.trainer.utils as utils
+
+    for name in ("selective_log_softmax", "entropy_from_logits"):
+        assert drop.signature_mismatch(getattr(utils, name), drop.REPLACEMENTS[name]) is None
+    try:
+        import trl.kernels as kernels
+    except ImportError:  # older TRL: no fused kernel module
+        return
+    fn = getattr(kernels, "selective_log_softmax_and_entropy", None)
+    if fn is not None:
+        assert drop.signature_mismatch(fn, drop.selective_log_softmax_and_entropy) is None
+
+
+def test_patched_trl_honours_positional_arguments(trl_drop, monkeypatch):
+    """TRL's kernel takes (logits, index, temperature, row_mask): a positional 0.7 is the temperature."""
+    _, kernels, trainer, _, _ = _install_fake_trl(monkeypatch)
+    gen = torch.Generator().manual_seed(21)
+    logits = 3 * torch.randn(2, 5, 41, generator=gen)
+    index = torch.randint(0, 41, (2, 5), generator=gen)
+    row_mask = torch.ones(2, 5, dtype=torch.long)
+    row_mask[1, 3:] = 0
+    want = _trl_selective_log_softmax_and_entropy(logits.double(), index, 0.7, row_mask)
+    with pytest.warns(RuntimeWarning):
+        trl_drop.patch_trl()
+    got = kernels.selective_log_softmax_and_entropy(logits, index, 0.7, row_mask)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(got[0].double(), _trl_selective_log_softmax_and_entropy(logits.double(), index)[0])
+    torch.testing.assert_close(trainer.selective_log_softmax(logits, index).double(), trl_logps(logits.double(), index),
+                               rtol=1e-6, atol=1e-6)
+    # TRL's kernel also takes a single row [V] with a 0-d index.
+    lp, h = kernels.selective_log_softmax_and_entropy(logits[0, 0], index[0, 0], 0.7)
+    assert lp.shape == h.shape == ()
+    torch.testing.assert_close(lp, got[0][0, 0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_trl_out_dtype_none_gives_trls_dtype(trl_drop, dtype):
+    """out_dtype=None: TRL's own output dtype (the logits'), one rounding of the fp32 statistics, so
+    never further from the exact value than TRL's in-dtype computation."""
+    gen = torch.Generator().manual_seed(23)
+    logits = (2.5 * torch.randn(3, 6, 333, generator=gen)).to(dtype)
+    index = torch.randint(0, 333, (3, 6), generator=gen)
+    lp = trl_drop.selective_log_softmax(logits, index, out_dtype=None)
+    h = trl_drop.entropy_from_logits(logits, out_dtype=None)
+    assert lp.dtype == h.dtype == dtype
+    exact_lp, exact_h = trl_logps(logits.double(), index), trl_entropy(logits.double())
+    # One rounding of an (fp32-accurate) exact value: within half an ulp, i.e. 2**-p of |value| (p = 8
+    # for bf16, 11 for fp16), and no further from exact than TRL computing in that dtype.
+    rel = 2.0 ** (-8 if dtype == torch.bfloat16 else -11)
+    native = (trl_logps(logits, index).double(), trl_entropy(logits).double())
+    for got, exact, theirs in ((lp, exact_lp, native[0]), (h, exact_h, native[1])):
+        err = (got.double() - exact).abs()
+        assert bool((err <= rel * exact.abs() * (1 + 1e-3) + 1e-6).all())
+        assert err.max() <= (theirs - exact).abs().max() + 1e-6
 
 
 @requires_triton
@@ -646,3 +761,123 @@ def test_openrlhf_bad_input(openrlhf_drop):
         slot.kl_loss(torch.ones(2, 6))  # more actions than states
     with pytest.raises(ValueError, match="action_mask"):
         openrlhf_drop.critic_action_values(torch.randn(2, 4, 8), torch.ones(2, 4), VIBValueHead(8, latent_dim=4))
+
+
+# ================================================================================================
+# verl token scoring (verl/utils/torch_functional.py): logprobs_from_logits(logits, labels,
+# inplace_backward=True) = log_softmax(logits) gathered at labels; entropy_from_logits(logits) =
+# logsumexp(logits) - sum(softmax(logits) * logits); both in the logits' dtype, nothing masked.
+# ================================================================================================
+def verl_logprobs(logits, labels):
+    return torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def verl_entropy(logits):
+    return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_verl_logprobs_and_entropy(verl_drop, dtype):
+    gen = torch.Generator().manual_seed(31)
+    base = (3 * torch.randn(2, 4, 3, 77, generator=gen)).to(dtype)  # any number of leading dims
+    labels = torch.randint(0, 77, (2, 4, 3), generator=gen)
+    logits = base.clone().requires_grad_()
+    lp = verl_drop.logprobs_from_logits(logits, labels)
+    h = verl_drop.entropy_from_logits(logits)
+    assert lp.shape == h.shape == (2, 4, 3) and lp.dtype == h.dtype == torch.float32
+    ref = base.double().requires_grad_()
+    ref_lp, ref_h = verl_logprobs(ref, labels), verl_entropy(ref)
+    torch.testing.assert_close(lp.double(), ref_lp, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(h.double(), ref_h, rtol=1e-5, atol=2e-5)
+    w = torch.randn(2, 4, 3, generator=gen, dtype=torch.float64)
+    ((w * lp).sum() + h.sum()).backward()
+    ((w * ref_lp).sum() + ref_h.sum()).backward()
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=4e-3)
+    torch.testing.assert_close(logits.grad.double(), ref.grad, **tol)
+    # The logits are left intact (inplace_backward is accepted, not used) and out_dtype=None is verl's dtype.
+    assert torch.equal(logits.detach(), base)
+    assert verl_drop.logprobs_from_logits(base, labels, out_dtype=None).dtype == dtype
+
+
+def test_verl_entropy_of_a_masked_vocabulary(verl_drop):
+    """-inf logits: verl's formula gives NaN (0 * -inf); ours the entropy of the remaining tokens."""
+    logits = torch.randn(3, 20)
+    logits[:, 12:] = -math.inf
+    assert torch.isnan(verl_entropy(logits)).all()
+    torch.testing.assert_close(verl_drop.entropy_from_logits(logits).double(), verl_entropy(logits[:, :12].double()),
+                               rtol=1e-6, atol=1e-6)
+
+
+# ================================================================================================
+# torch.compile(fullgraph=True) and torch.autocast over the drop-ins, as a trainer would use them
+# ================================================================================================
+def test_drop_ins_compile_without_graph_breaks(trl_drop, verl_drop):
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(37)
+    base = 2 * torch.randn(2, 6, 53, generator=gen)
+    index = torch.randint(0, 53, (2, 6), generator=gen)
+    row_mask = torch.ones(2, 6, dtype=torch.long)
+    row_mask[0, 4:] = 0
+    head = torch.nn.Linear(8, 53)
+    hidden = torch.randn(2, 7, 8, generator=gen)
+    labels = torch.randint(0, 53, (2, 7), generator=gen)
+    labels[:, :2] = -100
+
+    def step(logits, h):
+        lp, ent = trl_drop.selective_log_softmax_and_entropy(logits, index, 0.8, row_mask)
+        flp, fent = trl_drop.fused_lm_head_logps_entropy(h, head, labels, 0.8)
+        vlp = verl_drop.logprobs_from_logits(logits, index)
+        return lp.sum() + 0.1 * ent.sum() + flp.sum() + 0.1 * fent.sum() + vlp.sum()
+
+    try:
+        for backend in ("eager", "aot_eager"):
+            logits, h = base.clone().requires_grad_(), hidden.clone().requires_grad_()
+            got = torch.compile(step, fullgraph=True, backend=backend)(logits, h)
+            got_grads = torch.autograd.grad(got, [logits, h, head.weight, head.bias])
+            want = step(logits, h)
+            want_grads = torch.autograd.grad(want, [logits, h, head.weight, head.bias])
+            torch.testing.assert_close(got, want)
+            for g, w in zip(got_grads, want_grads):
+                torch.testing.assert_close(g, w)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_fused_lm_head_under_autocast_and_with_mixed_dtypes(trl_drop):
+    """TRL runs the LM head under autocast (bf16 GEMM from fp32 weights) or with bf16 hidden states and
+    an fp32 head; the fused head follows: GEMMs in the autocast dtype, statistics in fp32."""
+    gen = torch.Generator().manual_seed(41)
+    B, T, H, V = 2, 6, 32, 300
+    head = torch.nn.Linear(H, V)
+    hidden = torch.randn(B, T, H, generator=gen).requires_grad_()
+    labels = torch.randint(0, V, (B, T), generator=gen)
+    labels[0, :2] = -100
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp, h = trl_drop.fused_lm_head_logps_entropy(hidden, head, labels, 0.9)
+        # TRL's unfused path under the same autocast: the Linear runs in bf16.
+        logits = head(hidden[:, :-1])
+    assert logits.dtype == torch.bfloat16 and lp.dtype == h.dtype == torch.float32
+    target = labels[:, 1:]
+    keep = target != -100
+    ref_lp = trl_logps(logits.double(), target.clamp_min(0), 0.9).masked_fill(~keep, 0.0)
+    ref_h = trl_entropy(logits.double(), 0.9).masked_fill(~keep, 0.0)
+    # Our tiles are bf16 GEMM outputs too; only the accumulation order of the GEMMs may differ.
+    torch.testing.assert_close(lp.double(), ref_lp, rtol=0, atol=3e-2)
+    torch.testing.assert_close(h.double(), ref_h, rtol=0, atol=3e-2)
+    # Exactly what the op gives on bf16 copies (the autocast dtype), gradients in the inputs' dtypes.
+    with torch.no_grad():
+        same = linear_logprobs_entropy(hidden[:, :-1].bfloat16(), head.weight.bfloat16(), labels[:, 1:],
+                                       head.bias.bfloat16(), temperature=0.9)
+    assert torch.equal(lp, same[0]) and torch.equal(h, same[1])
+    (lp.sum() + h.sum()).backward()
+    assert hidden.grad.dtype == head.weight.grad.dtype == torch.float32
+    assert torch.isfinite(hidden.grad).all() and torch.isfinite(head.weight.grad).all()
+
+    # bf16 hidden states with an fp32 head, no autocast: promoted to fp32 (as hidden.float() @ W.T).
+    h16 = hidden.detach().bfloat16().requires_grad_()
+    lp16, _ = trl_drop.fused_lm_head_logps_entropy(h16, head, labels)
+    lp32, _ = trl_drop.fused_lm_head_logps_entropy(h16.detach().float(), head, labels)
+    assert torch.equal(lp16, lp32)
+    lp16.sum().backward()
+    assert h16.grad.dtype == torch.bfloat16
