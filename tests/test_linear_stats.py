@@ -392,3 +392,123 @@ def test_errors_name_the_argument():
         op(hidden, weight, labels, backend="cuda")
     with pytest.raises(TypeError, match="weight"):
         op(hidden, weight.tolist(), labels)
+
+
+# ----------------------------------------------------------------------------------------------
+# whole -inf vocabulary slices (a masking bias), autocast, mixed dtypes, out_dtype
+# ----------------------------------------------------------------------------------------------
+def _analytic_grads(hidden, weight, labels, bias, grad_lp, grad_h, temperature):
+    """float64 closed form (autograd through log_softmax gives NaN at -inf logits): d logits =
+    (g_lp (onehot - p) - g_H p (log p + H)) / T with p log p = 0 where p = 0, then through the GEMM."""
+    h64, w64 = hidden.double(), weight.double()
+    logp = torch.log_softmax((h64 @ w64.t() + bias.double()) / temperature, dim=-1)
+    p = logp.exp()
+    plogp = torch.where(p > 0, p * logp, 0.0)
+    ent = -plogp.sum(-1, keepdim=True)
+    valid = (labels != -100).double().unsqueeze(-1)
+    onehot = torch.nn.functional.one_hot(labels.clamp_min(0), p.shape[-1]).double()
+    g = grad_lp.double().unsqueeze(-1) * (onehot - p) - grad_h.double().unsqueeze(-1) * (plogp + p * ent)
+    dlogits = g * valid / temperature
+    return dlogits @ w64, dlogits.t() @ h64
+
+
+def _masked_head(V, n_masked, dtype, N=8, H=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, H, generator=gen).to(dtype)
+    weight = (torch.randn(V, H, generator=gen) / H**0.5 * 2).to(dtype)
+    bias = torch.zeros(V)
+    bias[:n_masked] = -float("inf")  # e.g. tokens a constrained decoder may not emit
+    labels = torch.randint(n_masked, V, (N,), generator=gen)
+    labels[-1] = -100
+    return hidden, weight, bias.to(dtype), labels
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["bf16_default_tiles", "fp32_chunk_vocab_4"])
+def test_whole_minus_inf_vocabulary_slices(backend, case, monkeypatch):
+    if case == "bf16_default_tiles":
+        # The default bf16 plan (all tokens x vocabulary slices) with a budget that makes the slices
+        # 8192 wide, as at full scale (N = 4096, 64 MiB): the first slice is entirely -inf.
+        hidden, weight, bias, labels = _masked_head(8192 * 2 + 100, 8192, torch.bfloat16)
+        monkeypatch.setattr(ls, "DEFAULT_WORKSPACE_BYTES_CPU", hidden.shape[0] * 8192 * 2)
+        n, v = hidden.shape[0], weight.shape[0]
+        assert ls._plan_tiles(n, v, 2, True, ls.DEFAULT_WORKSPACE_BYTES_CPU, None, None) == (n, 8192)
+        kw, rel = {}, 1e-2
+    else:
+        hidden, weight, bias, labels = _masked_head(37, 8, torch.float32)
+        kw, rel = dict(chunk_vocab=4, chunk_tokens=3), 1e-5
+    grad_lp, grad_h = torch.randn(labels.shape), torch.randn(labels.shape)
+    lp, ent, grads = _run(hidden, weight, labels, bias, grad_lp, grad_h, temperature=0.8, backend=backend, **kw)
+    ref_lp, ref_ent = linear_logprobs_entropy_reference(hidden, weight, labels, bias, temperature=0.8)
+    ref_grads = _analytic_grads(hidden, weight, labels, bias, grad_lp, grad_h, 0.8)
+    assert torch.isfinite(lp).all() and torch.isfinite(ent).all()
+    _close(lp, ref_lp, rel, "logprobs")
+    _close(ent, ref_ent, rel, "entropy")
+    for got, want, name in zip(grads[:2], ref_grads, ("hidden", "weight")):
+        assert torch.isfinite(got).all(), name
+        _close(got, want, 3e-2 if hidden.dtype == torch.bfloat16 else 1e-5, name)
+
+
+def test_autocast_runs_the_gemms_in_the_autocast_dtype():
+    hidden, weight, bias, labels = _inputs(N=11, H=32, V=200)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp, ent = linear_logprobs_entropy(*leaves[:2], labels, leaves[2], temperature=0.9, chunk_vocab=64)
+    assert lp.dtype == ent.dtype == torch.float32  # statistics in fp32
+    # Exactly the op on bf16 copies: the GEMMs ran in bf16, nothing was cast back up in between.
+    same = linear_logprobs_entropy(hidden.bfloat16(), weight.bfloat16(), labels, bias.bfloat16(), temperature=0.9,
+                                   chunk_vocab=64)
+    assert torch.equal(lp, same[0]) and torch.equal(ent, same[1])
+    fp32 = linear_logprobs_entropy(hidden, weight, labels, bias, temperature=0.9)
+    assert not torch.equal(lp, fp32[0])
+    ref_lp, ref_ent = linear_logprobs_entropy_reference(hidden, weight, labels, bias, temperature=0.9)
+    _close(lp, ref_lp, 2e-2, "logprobs")
+    (lp.sum() + ent.sum()).backward()
+    assert [t.grad.dtype for t in leaves] == [torch.float32] * 3  # gradients in the inputs' dtypes
+    # fp64 inputs are not autocast (as nn.Linear): computed and returned in fp64.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp64, _ = linear_logprobs_entropy(hidden.double(), weight.double(), labels, bias.double())
+    assert lp64.dtype == torch.float64
+    torch.testing.assert_close(lp64, linear_logprobs_entropy_reference(hidden, weight, labels, bias)[0],
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("h_dtype,w_dtype,want", [(torch.bfloat16, torch.float32, torch.float32),
+                                                  (torch.float32, torch.float16, torch.float32),
+                                                  (torch.bfloat16, torch.float16, torch.float32),
+                                                  (torch.float64, torch.float32, torch.float64)])
+def test_mixed_dtypes_promote(h_dtype, w_dtype, want):
+    hidden, weight, bias, labels = _inputs(N=9, H=16, V=70)
+    hidden, weight = hidden.to(h_dtype).requires_grad_(), weight.to(w_dtype).requires_grad_()
+    lp, ent = linear_logprobs_entropy(hidden, weight, labels, bias)  # bias fp32
+    cast = [t.detach().to(want) for t in (hidden, weight, bias)]
+    same = linear_logprobs_entropy(cast[0], cast[1], labels, cast[2])
+    assert torch.equal(lp, same[0]) and torch.equal(ent, same[1])
+    assert lp.dtype == (torch.float64 if want == torch.float64 else torch.float32)
+    (lp.sum() + ent.sum()).backward()
+    assert hidden.grad.dtype == h_dtype and weight.grad.dtype == w_dtype
+
+
+def test_out_dtype_and_float64():
+    hidden, weight, bias, labels = _inputs(N=7, H=12, V=50)
+    lp, ent = linear_logprobs_entropy(hidden.bfloat16(), weight.bfloat16(), labels, bias.bfloat16(), out_dtype=None)
+    assert lp.dtype == ent.dtype == torch.bfloat16
+    lp32, _ = linear_logprobs_entropy(hidden.bfloat16(), weight.bfloat16(), labels, bias.bfloat16())
+    assert torch.equal(lp, lp32.bfloat16())
+    # fp64 in, fp64 out, to fp64 rounding (also with vocabulary slices).
+    h64, w64, b64 = hidden.double(), weight.double(), bias.double()
+    ref_lp, ref_ent = linear_logprobs_entropy_reference(h64, w64, labels, b64)
+    for kw in ({}, dict(chunk_vocab=16, chunk_tokens=4)):
+        lp64, ent64 = linear_logprobs_entropy(h64, w64, labels, b64, **kw)
+        assert lp64.dtype == torch.float64
+        torch.testing.assert_close(lp64, ref_lp, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(ent64, ref_ent, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("label_dtype", [torch.int8, torch.int16, torch.uint8])
+def test_narrow_label_dtypes_with_a_large_vocabulary(label_dtype):
+    hidden, weight, bias, _ = _inputs(N=3, H=8, V=300)
+    labels = torch.tensor([5, 120, 7], dtype=label_dtype)  # V = 300 does not fit in int8 / uint8
+    lp, _ = linear_logprobs_entropy(hidden, weight, labels, bias)
+    ref_lp, _ = linear_logprobs_entropy_reference(hidden, weight, labels.long(), bias)
+    torch.testing.assert_close(lp.double(), ref_lp, rtol=1e-5, atol=2e-5)

@@ -9,6 +9,7 @@ from conftest import requires_triton
 
 from vrpo_fast.ops import token_logprobs_entropy, token_logprobs_entropy_reference
 from vrpo_fast.ops import token_stats as ts
+from vrpo_fast.ops._common import triton_interpret
 
 BACKENDS = ["torch", pytest.param("triton", marks=requires_triton)]
 
@@ -333,3 +334,92 @@ def test_errors():
     if torch.cuda.is_available():  # pragma: no cover - GPU machines only
         with pytest.raises(ValueError, match="device"):
             token_logprobs_entropy(logits.cuda(), labels)
+
+
+# ----------------------------------------------------------------------------------------------
+# dtypes: narrow integer labels with any V, out_dtype
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("label_dtype", [torch.int8, torch.int16, torch.uint8])
+def test_narrow_label_dtypes_with_a_large_vocabulary(label_dtype):
+    # V far above the label dtype's range: every label that fits is valid (the range check runs on
+    # int64, so V is never wrapped into the narrow dtype), and a uint8 156 is not ignore_index -100.
+    V = 40000
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(4, V, generator=gen)
+    top = 200 if label_dtype == torch.uint8 else 100
+    labels = torch.tensor([5, top, 7, 3 if label_dtype == torch.uint8 else -100], dtype=label_dtype)
+    lp, ent = token_logprobs_entropy(logits, labels)
+    ref_lp, ref_ent = token_logprobs_entropy_reference(logits.double(), labels.long())
+    torch.testing.assert_close(lp.double(), ref_lp, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(ent.double(), ref_ent, rtol=1e-5, atol=2e-5)
+    assert lp[1] != 0  # scored, not mistaken for ignore_index
+    small = torch.randn(4, 50)
+    with pytest.raises(ValueError, match=rf"labels must be in \[0, 50\).*got {top}"):
+        token_logprobs_entropy(small, labels)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_dtype(backend):
+    gen = torch.Generator().manual_seed(6)
+    logits = (3 * torch.randn(3, 4, 77, generator=gen)).to(torch.bfloat16).requires_grad_()
+    labels = _labels((3, 4), 77)
+    ref_lp, ref_ent = token_logprobs_entropy_reference(logits.detach().double(), labels, temperature=0.8)
+    lp32, ent32 = token_logprobs_entropy(logits, labels, temperature=0.8, backend=backend)
+    assert lp32.dtype == ent32.dtype == torch.float32  # "auto"
+    (grad32,) = torch.autograd.grad(lp32.sum() + ent32.sum(), logits)
+    for out_dtype, want in ((None, torch.bfloat16), (torch.float16, torch.float16), (torch.float64, torch.float64)):
+        lp, ent = token_logprobs_entropy(logits, labels, temperature=0.8, backend=backend, out_dtype=out_dtype)
+        assert lp.dtype == ent.dtype == want
+        # One rounding of the fp32 statistics.
+        assert torch.equal(lp, lp32.to(want)) and torch.equal(ent, ent32.to(want))
+        (grad,) = torch.autograd.grad(lp.double().sum() + ent.double().sum(), logits)
+        assert grad.dtype == torch.bfloat16
+        torch.testing.assert_close(grad.float(), grad32.float(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(lp32.double(), ref_lp, rtol=1e-5, atol=2e-5)
+    with pytest.raises(TypeError, match="out_dtype"):
+        token_logprobs_entropy(logits, labels, out_dtype=torch.int32)
+    with pytest.raises(TypeError, match="out_dtype"):
+        token_logprobs_entropy(logits, labels, out_dtype="fp32")
+
+
+# ----------------------------------------------------------------------------------------------
+# non-finite logits: same on every backend
+# ----------------------------------------------------------------------------------------------
+@requires_triton
+@pytest.mark.parametrize("block_v", [16, 64])
+def test_triton_whole_minus_inf_blocks(block_v):
+    # The first blocks of every row entirely -inf (a masking bias over the head of the vocabulary),
+    # then finite logits: finite outputs equal to the reference, also with temperature.
+    from vrpo_fast.kernels.token_stats import token_stats_bwd, token_stats_fwd
+
+    gen = torch.Generator().manual_seed(8)
+    logits = 3 * torch.randn(4, 200, generator=gen)
+    logits[:, :128] = -float("inf")
+    logits[1, 150:] = -float("inf")  # -inf after finite blocks too
+    labels = torch.tensor([130, 140, 199, -100])
+    lp, ent, lse = token_stats_fwd(logits, labels, inv_temperature=1 / 0.7, ignore_index=-100, compute_entropy=True,
+                                   block_v=block_v)
+    ref_lp, ref_ent = token_logprobs_entropy_reference(logits.double(), labels, temperature=0.7)
+    torch.testing.assert_close(lp.double(), ref_lp, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(ent.double(), ref_ent, rtol=1e-5, atol=2e-5)
+    grad = token_stats_bwd(logits, labels, lse, ent, torch.ones(4), torch.ones(4), torch.empty_like(logits),
+                           inv_temperature=1 / 0.7, ignore_index=-100, block_v=block_v)
+    assert torch.isfinite(grad).all() and bool((grad[:, :128] == 0).all())
+
+
+def test_nan_logits_propagate_the_same_on_every_backend():
+    logits = torch.randn(4, 300)
+    logits[1, 17] = float("nan")
+    logits[2, 250] = float("nan")  # in the second block of a 256-wide Triton block
+    labels = torch.tensor([3, 5, 250, 9])
+    results = {}
+    for backend in ["torch"] + (["triton"] if triton_interpret() else []):
+        x = logits.clone().requires_grad_()
+        lp, ent = token_logprobs_entropy(x, labels, backend=backend)
+        (grad,) = torch.autograd.grad(lp.sum() + ent.sum(), x)
+        results[backend] = (lp, ent, grad)
+        assert lp.isnan().tolist() == ent.isnan().tolist() == [False, True, True, False]
+        assert grad[[1, 2]].isnan().all() and not grad[[0, 3]].isnan().any()
+    if "triton" in results:
+        for a, b in zip(results["torch"], results["triton"]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, equal_nan=True)

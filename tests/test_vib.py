@@ -11,6 +11,7 @@ from conftest import requires_triton
 
 import vrpo_fast.ops.vib as vib_mod
 from vrpo_fast.ops import vib_sample_kl, vib_sample_kl_reference
+from vrpo_fast.ops._common import triton_available, triton_interpret
 
 BACKENDS = [pytest.param("torch", id="torch"), pytest.param("triton", id="triton", marks=requires_triton)]
 CLAMP = (-20.0, 10.0)
@@ -407,3 +408,34 @@ def test_validation():
         vib_sample_kl(mu, mu, training="yes")
     with pytest.raises(ValueError, match="backend"):
         vib_sample_kl(mu, mu, backend="cuda")
+
+
+# ----------------------------------------------------------------------------------------------
+# NaN propagation: the same on every backend (torch.clamp keeps NaN; so does the Triton clamp)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("clamp", [CLAMP, None])
+def test_nan_propagates_the_same_on_every_backend(clamp):
+    mu, logvar = make_inputs((4, 10))
+    logvar[1, 2] = math.nan
+    mu[2, 5] = math.nan
+    backends = ["torch"] + (["triton"] if triton_available() and triton_interpret() else [])
+    grads = {}
+    for backend in backends:
+        m, lv = mu.clone().requires_grad_(), logvar.clone().requires_grad_()
+        z, kl = vib_sample_kl(m, lv, seed=5, backend=backend, logvar_clamp=clamp)
+        # As the eager formula: NaN exactly where a NaN input enters.
+        z_ref, kl_ref = vib_sample_kl_reference(mu.double(), logvar.double(), recover_eps((4, 10), 5, backend),
+                                                logvar_clamp=clamp)
+        assert kl.isnan().tolist() == kl_ref.isnan().tolist() == [False, True, True, False], backend
+        assert z.isnan().nonzero().tolist() == z_ref.isnan().nonzero().tolist() == [[1, 2], [2, 5]], backend
+        (z.nan_to_num().sum() + kl.nan_to_num().sum()).backward()
+        assert torch.isfinite(m.grad[[0, 3]]).all() and torch.isfinite(lv.grad[[0, 3]]).all()
+        # Eager autograd through the formula (torch.clamp drops the gradient of a NaN logvar).
+        m64, lv64 = mu.double().requires_grad_(), logvar.double().requires_grad_()
+        z64, kl64 = vib_sample_kl_reference(m64, lv64, recover_eps((4, 10), 5, backend), logvar_clamp=clamp)
+        (z64.nan_to_num().sum() + kl64.nan_to_num().sum()).backward()
+        assert torch.equal(m.grad.isnan(), m64.grad.isnan()) and torch.equal(lv.grad.isnan(), lv64.grad.isnan())
+        grads[backend] = (m.grad, lv.grad)
+    if "triton" in grads:
+        for a, b in zip(grads["torch"], grads["triton"]):
+            assert torch.equal(a.isnan(), b.isnan())

@@ -159,7 +159,8 @@ def _out_of_range(x: torch.Tensor, clamp) -> bool:
     if x.device.type != "cpu":
         return True
     lo, hi = torch.aminmax(x)
-    return bool(lo < clamp[0]) or bool(hi > clamp[1])
+    # NaN (aminmax returns NaN) counts as out of range: torch.clamp gives it a zero gradient.
+    return not (bool(lo >= clamp[0]) and bool(hi <= clamp[1]))
 
 
 def _noise_fn(seed: int, row_ids: Optional[torch.Tensor], n_cols: int, device, dtype):
