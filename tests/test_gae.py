@@ -429,3 +429,24 @@ def test_reference_twin_matches_python_loop():
         want_adv, want_ret = python_gae(rewards, values, mask, 0.98, 0.9, whiten, shift_mean)
         assert_close(adv, want_adv, torch.float64)
         assert_close(ret, want_ret, torch.float64)
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_half_precision_whitening_rounds_once(dtype):
+    """fp16 / bf16 with whitening: recursion and whitening in fp32, one rounding at the end, like the
+    CPU path (not the raw advantages rounded, then whitened and rounded again)."""
+    gen = torch.Generator().manual_seed(29)
+    B, T = 6, 200
+    rewards = torch.randn(B, T, generator=gen).to(dtype)
+    values = (3 * torch.randn(B, T, generator=gen) + 5).to(dtype)  # a large mean: whitening cancels it
+    mask = torch.rand(B, T, generator=gen) < 0.9
+    want, _ = gae_reference(rewards.double(), values.double(), mask, gamma=0.99, lam=0.95, whiten=True)
+    got, _ = gae(rewards, values, mask, gamma=0.99, lam=0.95, whiten=True, backend="triton")
+    cpu, _ = gae(rewards, values, mask, gamma=0.99, lam=0.95, whiten=True, backend="torch")
+    # Round to nearest is within half an ulp: 2**-p of |value| (p = 8 bf16, 11 fp16). The interpreter
+    # converts fp32 -> bf16 by truncation (a full ulp); a GPU rounds to nearest.
+    rel = 2.0 ** (-11 if dtype == torch.float16 else -7)
+    for name, out in (("triton", got), ("cpu", cpu)):
+        err = (out.double() - want).abs()
+        assert bool((err <= rel * want.abs() * 1.01 + 1e-6)[mask].all()), name

@@ -383,3 +383,21 @@ def test_kernels_compile_for_sm90_with_precise_log():
     if out.returncode != 0 and "ptxas" in out.stderr and "not found" in out.stderr:  # pragma: no cover
         pytest.skip("no ptxas in this triton install")
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("backend,num_chunks", [("torch", None), pytest.param("triton", None, marks=requires_triton),
+                                                pytest.param("triton", 3, marks=requires_triton)])
+def test_an_all_minus_inf_row_raises(backend, num_chunks):
+    """Nothing can be drawn from a row whose logits are all -inf: ValueError naming the row (checked
+    once from the drawn tokens), not a silent token 0."""
+    x = torch.randn(4, 3000)
+    x[2] = -math.inf
+    with pytest.raises(ValueError, match="row 2 is all -inf"):
+        keyed_sample(x, _keys(4), seed=1, position=0, backend=backend, _num_chunks=num_chunks)
+    x[2, 2999] = -1e38  # one finite entry left: that is the token
+    assert keyed_sample(x, _keys(4), seed=1, position=0, backend=backend, _num_chunks=num_chunks)[2] == 2999
+    x[2, 2999] = -math.inf
+    x[2, 5] = math.nan  # NaN follows torch.argmax (or check_nan=True), not the -inf rule
+    assert keyed_sample(x, _keys(4), seed=1, position=0, backend=backend, _num_chunks=num_chunks)[2] == 5
+    with pytest.raises(ValueError, match="NaN"):
+        keyed_sample(x, _keys(4), seed=1, position=0, backend=backend, check_nan=True)
