@@ -1,8 +1,10 @@
 """Per-token log-prob of the label and entropy of the next-token distribution, from logits.
 
 ``token_logprobs_entropy(logits, labels)`` returns, for every token, ``log softmax(x)[label]`` and
-``H = -sum softmax(x) * log softmax(x)`` with ``x = logits / temperature``, both fp32, without ever
-materialising an N x V log-softmax:
+``H = -sum softmax(x) * log softmax(x)`` with ``x = logits / temperature``, accumulated in fp32 (fp64
+for fp64 logits) and returned in ``out_dtype``, without ever materialising an N x V log-softmax. The
+public function is a PyTorch custom op (``torch.ops.vrpo_fast.token_stats_fwd`` / ``_bwd``, fake kernels
+and an autograd formula below), so ``torch.compile(fullgraph=True)`` traces it:
 
 * CUDA: Triton kernels (:mod:`vrpo_fast.kernels.token_stats`) read the logits once in the forward and
   once more in the backward, which writes the gradient once (optionally over the logits buffer).
