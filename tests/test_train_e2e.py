@@ -19,7 +19,7 @@ TINY = dict(
     tiny_hidden_size=32, tiny_layers=1, latent_dim=8,
     task_kwargs={"max_operand": 20, "num_eval": 16}, num_eval=8, eval_batch_size=8,
     warmup_steps=3, steps=2, rollout_batch_size=8, mini_batch_size=4, ppo_epochs=1, group_size=4,
-    max_new_tokens=4, save_every=1, progress=False,
+    max_new_tokens=4, save_every=1, progress=False, critic_warmup_steps=0,
 )
 LOSS_KEYS = {"vrpo": ("policy_loss", "value_loss", "vib_kl", "ent_loss", "ppl_loss", "critic_loss"),
              "ppo": ("policy_loss", "value_loss", "critic_loss"),

@@ -86,10 +86,25 @@ class AlgoConfig:
                              "head; grpo: no critic, group-relative advantages", choices=ALGOS)
     beta: float = _opt(1e-3, "VIB: weight of the KL(q(z|h) || N(0, I)) term in the value loss")
     latent_dim: int = _opt(64, "VIB: latent dimension")
-    alpha_ent: float = _opt(0.1, "VRPO: weight of the auxiliary loss regressing the reference LM's token entropy")
-    alpha_ppl: float = _opt(0.1, "VRPO: weight of the auxiliary loss regressing the reference LM's token NLL")
-    aux_input: str = _opt("z", "VRPO: what the auxiliary heads read: the VIB latent z or the backbone hidden h",
-                          choices=("z", "h"))
+    vib_logvar_init: float = _opt(-5.0, "VIB: initial logvar bias (sigma = exp(init / 2)): the latent starts "
+                                        "informative and the KL term decides what it keeps")
+    alpha_ent: float = _opt(0.1, "VRPO (aux-mode regress/both): weight of the auxiliary loss regressing the "
+                                 "reference LM's entropy at each state")
+    alpha_ppl: float = _opt(0.1, "VRPO (aux-mode regress/both): weight of the auxiliary loss regressing the "
+                                 "reference LM's surprisal of the token just read (see --ppl-target)")
+    aux_mode: str = _opt("regress", "VRPO: how the frozen LM's entropy / surprisal guide the critic: regress "
+                                    "(auxiliary heads regress them), weight (they weight each token's value loss), "
+                                    "or both", choices=("regress", "weight", "both"))
+    aux_input: str = _opt("h", "VRPO: what the auxiliary heads read: a branch on the backbone hidden h (z is "
+                               "left to the value) or the VIB latent z", choices=("z", "h"))
+    ppl_target: str = _opt("token", "VRPO: the perplexity target: token (surprisal of the token just read, at every "
+                                    "state) or sequence (mean surprisal of the response read so far, at the last "
+                                    "state)", choices=("token", "sequence"))
+    aux_weight_signal: str = _opt("entropy", "VRPO (aux-mode weight/both): the signal weighting the value loss: the "
+                                             "reference's entropy, the surprisal of the token just read, or their sum",
+                                  choices=("entropy", "surprisal", "sum"))
+    aux_weight_temperature: float = _opt(1.0, "VRPO (aux-mode weight/both): token weights are n * softmax(signal / "
+                                              "T) over each response's n tokens (mean 1); larger T is flatter")
     gamma: float = _opt(1.0, "GAE discount")
     lam: float = _opt(0.95, "GAE lambda")
     clip: float = _opt(0.2, "PPO ratio clip epsilon")
@@ -125,6 +140,8 @@ class OptimConfig:
     max_grad_norm: float = _opt(1.0, "gradient clipping (L2 norm, per model); > 0, or inf for no clipping")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
     lr_schedule: str = _opt("constant", "learning-rate schedule over the RL steps", choices=("constant", "linear"))
+    critic_warmup_steps: int = _opt(10, "value-only updates (vrpo, ppo) on rollouts of the warmed-up policy with the "
+                                        "noisy reward, before the first policy update (0: none)")
     warmup_steps: int = _opt(1000, "most supervised warm-up steps on the task's reference completions before RL "
                                    "(0: no warm-up)")
     warmup_target: float = _opt(0.3, "stop the warm-up early once the clean reward on --warmup-probe-size train "
@@ -144,6 +161,8 @@ class RunConfig:
     save_every: int = _opt(50, "checkpoint every N steps (and always at the end); 0: only at the end")
     keep_checkpoints: int = _opt(2, "how many step checkpoints to keep (>= 1; the newest by step number)")
     progress: bool = _opt(True, "show a progress bar")
+    diagnostics_every: int = _opt(10, "compute the costlier critic diagnostic (aux_value_grad_ratio: two extra "
+                                      "backward passes on one micro-batch) every N steps (0: never)")
 
 
 GROUPS = {
@@ -218,6 +237,28 @@ class TrainConfig:
         return 0.04 if self.algo.algo == "grpo" else 0.01
 
     @property
+    def variant(self) -> str:
+        """The algorithm as the run summary names it: ablations of VRPO are spelled out."""
+        a = self.algo
+        if a.algo != "vrpo":
+            return a.algo
+        parts = ["vrpo"]
+        if a.beta == 0:
+            parts.append("no-vib")  # no KL pressure on the bottleneck
+        if not self.uses_aux_regression and a.aux_mode == "regress":
+            parts.append("no-aux")
+        return "-".join(parts)
+
+    @property
+    def uses_aux_regression(self) -> bool:
+        a = self.algo
+        return a.algo == "vrpo" and a.aux_mode in ("regress", "both") and (a.alpha_ent > 0 or a.alpha_ppl > 0)
+
+    @property
+    def uses_aux_weights(self) -> bool:
+        return self.algo.algo == "vrpo" and self.algo.aux_mode in ("weight", "both")
+
+    @property
     def samples_per_prompt(self) -> int:
         return self.algo.group_size if self.algo.algo == "grpo" else 1
 
@@ -239,6 +280,14 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         if self.run.steps < 0 or o.warmup_steps < 0:
             raise ValueError("--steps and --warmup-steps must be >= 0")
+        if o.critic_warmup_steps < 0 or self.run.diagnostics_every < 0:
+            raise ValueError("--critic-warmup-steps and --diagnostics-every must be >= 0")
+        if not (a.aux_weight_temperature > 0 and math.isfinite(a.aux_weight_temperature)):
+            raise ValueError(f"--aux-weight-temperature must be a finite number > 0, got {a.aux_weight_temperature}")
+        if not math.isfinite(a.vib_logvar_init):
+            raise ValueError(f"--vib-logvar-init must be finite, got {a.vib_logvar_init}")
+        if a.beta < 0 or a.alpha_ent < 0 or a.alpha_ppl < 0:
+            raise ValueError("--beta, --alpha-ent and --alpha-ppl must be >= 0")
         if r.temperature <= 0:
             raise ValueError(f"--temperature must be > 0, got {r.temperature}")
         if r.eval_temperature < 0:

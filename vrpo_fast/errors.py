@@ -13,10 +13,10 @@ class NonFiniteLossError(RuntimeError):
     bad update was never applied and no checkpoint holds it (exit code 3)."""
 
     def __init__(self, loss_name: str, step: int, value: float, last_checkpoint: Optional[str] = None, *,
-                 quantity: str = "loss"):
+                 quantity: str = "loss", phase: str = "RL step"):
         self.loss_name, self.step, self.value, self.last_checkpoint = loss_name, step, value, last_checkpoint
-        self.quantity = quantity
-        super().__init__(f"the {loss_name} {quantity} is {value} at RL step {step}: training stopped before applying "
+        self.quantity, self.phase = quantity, phase
+        super().__init__(f"the {loss_name} {quantity} is {value} at {phase} {step}: training stopped before applying "
                          f"it ({_where(last_checkpoint)}). Try a lower learning rate or --max-grad-norm.")
 
 

@@ -36,6 +36,7 @@ RESUMES = "resumes.jsonl"
 MAY_CHANGE = frozenset({
     "steps", "save_every", "keep_checkpoints", "progress", "resume", "output_dir", "num_threads",
     "num_eval", "eval_samples", "eval_batch_size", "eval_greedy", "eval_temperature", "max_prompt_tokens",
+    "diagnostics_every",
 })
 
 

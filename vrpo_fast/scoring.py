@@ -88,7 +88,31 @@ class ReferenceStats:
 
     @property
     def nll(self) -> torch.Tensor:
+        """-log pi_ref of the token each state *generates* (state-aligned; not observable at that state)."""
         return -self.logprobs
+
+    def surprisal(self, action_mask: torch.Tensor):
+        """(target, mask): at state t, -log pi_ref(token t | s_{t-1}), the surprisal of the token just
+        read -- observable from the state the critic has read. Defined where token t is a scored
+        response token, i.e. at action states t whose previous state t - 1 is an action state too (the
+        first response state has read a prompt token, which is not scored)."""
+        target = torch.zeros_like(self.logprobs)
+        target[:, 1:] = -self.logprobs[:, :-1]
+        prev = torch.zeros_like(action_mask, dtype=torch.bool)
+        prev[:, 1:] = action_mask[:, :-1].bool()
+        return target, prev & action_mask.bool()
+
+    def sequence_surprisal(self, action_mask: torch.Tensor):
+        """(target, mask): at each response's last state, the mean surprisal of the response tokens read
+        so far (the log-perplexity of the read prefix); mask marks that one state per row."""
+        tok, tok_mask = self.surprisal(action_mask)
+        m = tok_mask.to(tok.dtype)
+        prefix = (tok * m).cumsum(1) / m.cumsum(1).clamp_min(1.0)
+        on = action_mask.bool()
+        pos = torch.arange(on.shape[1], device=on.device).expand_as(on)
+        last = torch.where(on, pos, torch.full_like(pos, -1)).amax(1, keepdim=True)
+        mask = (pos == last) & on & (m.sum(1, keepdim=True) > 0)
+        return torch.where(mask, prefix, torch.zeros_like(prefix)), mask
 
 
 def score(scorer: nn.Module, rollout: Rollout, *, temperature: float = 1.0, compute_entropy: bool = True,

@@ -336,7 +336,8 @@ def build_critic(run: Run, attn: str, resume_from: Optional[str], lora_state) ->
         # the warmed-up policy's full weights: not the FSDP shards, not the resumed policy's adapters
         source_lm = load_causal_lm(run.reference_dir, attn_implementation=attn, what="reference")
     value_model = build_value_model(source_lm, algo=a.algo, critic_path=critic_path, latent_dim=a.latent_dim,
-                                    beta=a.beta, aux_input=a.aux_input, attn_implementation=attn)
+                                    beta=a.beta, aux_input=a.aux_input, attn_implementation=attn,
+                                    aux_heads=cfg.uses_aux_regression, logvar_init=a.vib_logvar_init)
     del source_lm  # the merged copy's body now lives in the critic; drop its LM head
     if run.use_lora:
         from .models.lora import apply_lora, load_lora_state_dict
@@ -455,8 +456,9 @@ def check_finite_weights(run: Run, step: int) -> None:
                                          quantity="value")
 
 
-def save_run_checkpoint(run: Run, step: int) -> str:
-    """Checkpoint ``step``: weights (merged copies under LoRA), optimiser / schedule / noise / RNG states."""
+def save_run_checkpoint(run: Run, step: int, extra: Optional[Dict[str, Any]] = None) -> str:
+    """Checkpoint ``step``: weights (merged copies under LoRA), optimiser / schedule / noise / RNG states
+    (and ``extra``, e.g. the critic warm-up's report at step 0)."""
     cfg, acc, r = run.cfg, run.acc, run.cfg.rollout
     check_finite_weights(run, step)
     state = {
@@ -473,6 +475,7 @@ def save_run_checkpoint(run: Run, step: int) -> str:
         "lora": _lora_checkpoint(acc.unwrap_model(run.policy).lm,
                                  acc.unwrap_model(run.value_model) if run.has_critic else None)
         if run.use_lora else None,
+        **(extra or {}),
     }
     path = None
     policy_state = full_state_dict(acc, run.policy, prefix="lm.")  # collectives: every process

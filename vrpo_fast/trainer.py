@@ -35,7 +35,10 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from vrpo_fast.algorithms.advantages import gae_advantages, grpo_advantages, token_level_rewards
-from vrpo_fast.algorithms.losses import explained_variance, grpo_policy_loss, policy_loss, vrpo_value_loss
+from vrpo_fast.algorithms.diagnostics import (advantage_diagnostics, first_state, last_state, regression_slope,
+                                              value_reward_corr)
+from vrpo_fast.algorithms.losses import (aux_regression_loss, aux_token_weights, explained_variance, grpo_policy_loss,
+                                         policy_loss, value_loss, vrpo_value_loss)
 from vrpo_fast.ops import masked_mean
 
 from . import evaluation
@@ -87,6 +90,8 @@ class Batch:
     old_values: Optional[torch.Tensor] = None   # [B, T] V_old (z = mu), vrpo / ppo
     advantages: Optional[torch.Tensor] = None
     returns: Optional[torch.Tensor] = None
+    aux: Dict[str, Optional[torch.Tensor]] = dataclasses.field(default_factory=dict)  # critic targets, weights
+    values_after: Optional[torch.Tensor] = None  # [B] last-state value (z = mu) in the last PPO epoch
 
     @property
     def mask(self) -> torch.Tensor:
@@ -104,36 +109,46 @@ def rl_step(run: Run, step: int) -> Dict[str, Any]:
     # uninterrupted one did, whatever happened before (evaluation, a restart)
     seed_everything(derived_seed(cfg.run.seed, 2, step, acc.process_index))
 
-    examples, rollout = sample_rollouts(run, step)                                   # 1. rollout
+    batch = collect_batch(run, step)              # 1-4. rollout, clean reward, pi_old / ref / V_old, noise
+    batch.advantages, batch.returns = compute_advantages(run, batch, batch.noisy_reward)  # 5. advantages
+    batch.aux = critic_targets(run, batch)          # the frozen LM's entropy / surprisal for the critic
+    stats = ppo_update(run, step, batch)                                             # 6. updates
+    run.policy_sched.step()
+    if run.has_critic:
+        run.value_sched.step()
+    stats.update(diagnostics(run, step, batch))     # does the critic absorb the noise? (uses the clean reward)
+    return step_record(run, step, batch, stats, time.time() - t0)                    # 7. metrics
+
+
+def sample_rollouts(run: Run, step: int, stream: int = 2):
+    """This process's shard of the step's prompts, G samples each. Sampling is keyed by the global row,
+    so a row's tokens do not depend on which process generated it. ``stream`` keys the prompt order and
+    the sampling (2: RL steps; the critic warm-up draws its own)."""
+    cfg, acc, r = run.cfg, run.acc, run.cfg.rollout
+    G, world, rank = cfg.samples_per_prompt, acc.num_processes, acc.process_index
+    order_seed = cfg.run.seed if stream == 2 else derived_seed(cfg.run.seed, stream)
+    idx = shard(prompts_for_step(len(run.train_examples), step, r.rollout_batch_size // G, order_seed), rank, world)
+    examples = [run.train_examples[i] for i in idx for _ in range(G)]
+    local = r.rollout_batch_size // world
+    with run.policy_weights(), acc.autocast():
+        rollout = generate(run.policy_lm, run.tokenizer, [e.prompt for e in examples], max_new_tokens=r.max_new_tokens,
+                           temperature=r.temperature, device=acc.device, seed=derived_seed(cfg.run.seed, stream, step),
+                           row_keys=torch.arange(rank * local, (rank + 1) * local))
+    return examples, rollout
+
+
+def collect_batch(run: Run, step: int, stream: int = 2) -> Batch:
+    """Steps 1-4 of the method: rollouts, clean reward, pi_old / reference statistics / V_old, noise."""
+    acc = run.acc
+    examples, rollout = sample_rollouts(run, step, stream)                           # 1. rollout
     clean = run.reward_fn(examples, rollout.completions).float().to(acc.device)      # 2. clean reward
     per_row = {"clean_reward": clean, **score_rollout(run, rollout)}                 # 3. pi_old, ref, V_old
     rollout, per_row = gather_rollout(acc, rollout, per_row, pad_token_id=run.tokenizer.pad_token_id)
     clean = per_row["clean_reward"].cpu()
     noisy = run.noise(clean, rollout.completions).float()                            # 4. noise
-    batch = Batch(rollout, clean, noisy, per_row["old_logprobs"],
-                  ReferenceStats(per_row["ref_logprobs"], per_row["ref_entropy"], per_row["ref_perplexity"]),
-                  per_row.get("old_values"))
-    batch.advantages, batch.returns = compute_advantages(run, batch)                 # 5. advantages
-    stats = ppo_update(run, step, batch)                                             # 6. updates
-    run.policy_sched.step()
-    if run.has_critic:
-        run.value_sched.step()
-    return step_record(run, step, batch, stats, time.time() - t0)                    # 7. metrics
-
-
-def sample_rollouts(run: Run, step: int):
-    """This process's shard of the step's prompts, G samples each. Sampling is keyed by the global row,
-    so a row's tokens do not depend on which process generated it."""
-    cfg, acc, r = run.cfg, run.acc, run.cfg.rollout
-    G, world, rank = cfg.samples_per_prompt, acc.num_processes, acc.process_index
-    idx = shard(prompts_for_step(len(run.train_examples), step, r.rollout_batch_size // G, cfg.run.seed), rank, world)
-    examples = [run.train_examples[i] for i in idx for _ in range(G)]
-    local = r.rollout_batch_size // world
-    with run.policy_weights(), acc.autocast():
-        rollout = generate(run.policy_lm, run.tokenizer, [e.prompt for e in examples], max_new_tokens=r.max_new_tokens,
-                           temperature=r.temperature, device=acc.device, seed=derived_seed(cfg.run.seed, 2, step),
-                           row_keys=torch.arange(rank * local, (rank + 1) * local))
-    return examples, rollout
+    return Batch(rollout, clean, noisy, per_row["old_logprobs"],
+                 ReferenceStats(per_row["ref_logprobs"], per_row["ref_entropy"], per_row["ref_perplexity"]),
+                 per_row.get("old_values"))
 
 
 @torch.no_grad()
@@ -154,26 +169,50 @@ def score_rollout(run: Run, rollout: Rollout) -> Dict[str, torch.Tensor]:
     return out
 
 
-def compute_advantages(run: Run, batch: Batch):
-    """(advantages, returns): GAE on V_old over KL-shaped token rewards, or GRPO's group advantages."""
-    a, noisy = run.cfg.algo, batch.noisy_reward.to(run.acc.device)
+def compute_advantages(run: Run, batch: Batch, reward: torch.Tensor):
+    """(advantages, returns) from a sequence reward: GAE on V_old over KL-shaped token rewards, or
+    GRPO's group advantages. The learner's are from the noisy reward; the diagnostics recompute them
+    from the clean one with the same values and KL terms."""
+    a, reward = run.cfg.algo, reward.to(run.acc.device)
     if not run.has_critic:
-        return grpo_advantages(noisy, batch.mask, run.cfg.samples_per_prompt), None
-    token_rewards = token_level_rewards(noisy, batch.mask, batch.old_logprobs, batch.ref.logprobs,
+        return grpo_advantages(reward, batch.mask, run.cfg.samples_per_prompt), None
+    token_rewards = token_level_rewards(reward, batch.mask, batch.old_logprobs, batch.ref.logprobs,
                                         kl_coef=run.cfg.kl_coef, kl_kind=a.kl_kind)
     return gae_advantages(token_rewards, batch.old_values, batch.mask, gamma=a.gamma, lam=a.lam,
                           whiten=a.whiten_advantages)
 
 
-def ppo_update(run: Run, step: int, batch: Batch) -> Dict[str, float]:
+def critic_targets(run: Run, batch: Batch) -> Dict[str, Optional[torch.Tensor]]:
+    """What VRPO's critic is given from the frozen LM: regression targets at each state (entropy H_t,
+    the surprisal of the token just read or the read prefix's log-perplexity) and/or value-loss token
+    weights ``n * softmax(signal / T)`` over each response (mean 1)."""
+    cfg, a, mask = run.cfg, run.cfg.algo, batch.mask
+    out: Dict[str, Optional[torch.Tensor]] = {"ent_target": batch.ref.entropy, "nll_target": None, "nll_mask": None,
+                                              "token_weights": None}
+    if a.ppl_target == "sequence":
+        out["nll_target"], out["nll_mask"] = batch.ref.sequence_surprisal(mask)
+    else:
+        out["nll_target"], out["nll_mask"] = batch.ref.surprisal(mask)
+    if cfg.uses_aux_weights:
+        surprisal = torch.where(out["nll_mask"], out["nll_target"], torch.zeros_like(out["nll_target"])) \
+            if a.ppl_target == "token" else batch.ref.surprisal(mask)[0]
+        signal = {"entropy": batch.ref.entropy, "surprisal": surprisal,
+                  "sum": batch.ref.entropy + surprisal}[a.aux_weight_signal]
+        out["token_weights"] = aux_token_weights(signal, mask, a.aux_weight_temperature)
+    return out
+
+
+def ppo_update(run: Run, step: int, batch: Batch, train_policy: bool = True) -> Dict[str, float]:
     """PPO epochs over global mini-batches. Each process takes its slice of a mini-batch, split into
     micro-batches that accumulate into one optimiser step; losses are token means over the whole
-    mini-batch (global_token_weight); the VIB noise is keyed by (global row, position)."""
+    mini-batch (global_token_weight); the VIB noise is keyed by (global row, position).
+    ``train_policy=False``: value-only updates (the critic warm-up)."""
     cfg, acc, o = run.cfg, run.acc, run.cfg.optim
     world, rank = acc.num_processes, acc.process_index
     micro_size = o.mini_batch_size // world // o.grad_accum_steps
     sums: Dict[str, float] = {}
     norms: Dict[str, List[float]] = {"policy_grad_norm": [], "value_grad_norm": []}
+    after = torch.zeros(batch.mask.shape[0], dtype=torch.float64, device=acc.device)
     n_mini = 0
     for epoch in range(o.ppo_epochs):
         order = torch.randperm(cfg.rollout.rollout_batch_size,
@@ -184,47 +223,64 @@ def ppo_update(run: Run, step: int, batch: Batch) -> Dict[str, float]:
             for micro in rows.view(world, -1)[rank].split(micro_size):
                 weight = global_token_weight(acc, batch.mask[micro], mini_tokens, o.grad_accum_steps)
                 with acc.accumulate(*run.trained), acc.autocast():
-                    losses, stats = micro_losses(run, batch, micro, vib_seed)
+                    losses, stats, values_mean = micro_losses(run, batch, micro, vib_seed, train_policy)
                     check_finite(losses, step + 1, acc, run.last_checkpoint)
                     acc.backward(sum(losses.values()) * weight)
-                    optimizer_step(run, step, norms)
+                    optimizer_step(run, step, norms, train_policy)
+                if values_mean is not None and epoch == o.ppo_epochs - 1:
+                    after[micro] = last_state(values_mean, batch.mask[micro]).to(after.device)
                 share = float(weight) / (world * o.grad_accum_steps)  # token means, summed over processes below
                 for name, v in stats.items():
                     if name not in _ROLLOUT_STATS:
                         sums[name] = sums.get(name, 0.0) + float(v) * share
             n_mini += 1
+    if run.has_critic:  # every process filled its rows: the sum is the global [B] vector
+        batch.values_after = acc.reduce(after, reduction="sum") if world > 1 else after
     out = {k: v * world / max(n_mini, 1) for k, v in sums.items()}  # x world: the all-reduce averages
     out.update({k: sum(v) / len(v) for k, v in norms.items() if v})
     return out
 
 
-def micro_losses(run: Run, batch: Batch, micro: torch.Tensor, vib_seed: int):
-    """({"policy": ..., "value": ...}, stats) on the rows ``micro`` of the batch."""
+def micro_losses(run: Run, batch: Batch, micro: torch.Tensor, vib_seed: int, train_policy: bool = True):
+    """({"policy": ..., "value": ...}, stats, values at z = mu) on the rows ``micro`` of the batch."""
     a = run.cfg.algo
     mb, m = batch.rollout.select(micro), batch.mask[micro]
-    logprobs, entropy = score(run.policy, mb, temperature=run.cfg.rollout.temperature)
-    if a.algo == "grpo":
-        loss_p, stats = grpo_policy_loss(logprobs, batch.old_logprobs[micro], batch.advantages[micro], m,
-                                         batch.ref.logprobs[micro], clip=a.clip, kl_coef=run.cfg.kl_coef,
-                                         entropy=entropy, entropy_coef=a.entropy_coef)
-    else:
-        loss_p, stats = policy_loss(logprobs, batch.old_logprobs[micro], batch.advantages[micro], m,
-                                    clip=a.clip, entropy=entropy, entropy_coef=a.entropy_coef)
-    losses = {"policy": loss_p}
+    losses, stats, values_mean = {}, {}, None
+    if train_policy:
+        logprobs, entropy = score(run.policy, mb, temperature=run.cfg.rollout.temperature)
+        if a.algo == "grpo":
+            losses["policy"], stats = grpo_policy_loss(logprobs, batch.old_logprobs[micro], batch.advantages[micro], m,
+                                                       batch.ref.logprobs[micro], clip=a.clip, kl_coef=run.cfg.kl_coef,
+                                                       entropy=entropy, entropy_coef=a.entropy_coef)
+        else:
+            losses["policy"], stats = policy_loss(logprobs, batch.old_logprobs[micro], batch.advantages[micro], m,
+                                                  clip=a.clip, entropy=entropy, entropy_coef=a.entropy_coef)
     if run.has_critic:
-        vrpo = a.algo == "vrpo"
-        positions = torch.arange(m.shape[1], device=m.device)
-        out = run.value_model(mb.input_ids, mb.attention_mask, response_mask=mb.response_mask, seed=vib_seed,
-                              noise_ids=micro[:, None] * batch.mask.shape[1] + positions)
-        losses["value"], vstats = vrpo_value_loss(
-            out.values, batch.old_values[micro], batch.returns[micro], m,
-            kl=out.kl if vrpo else None,
-            ent_pred=out.ent_pred if vrpo else None, ent_target=batch.ref.entropy[micro],
-            nll_pred=out.nll_pred if vrpo else None, nll_target=batch.ref.nll[micro],
-            clip=a.value_clip, beta=a.beta, alpha_ent=a.alpha_ent, alpha_ppl=a.alpha_ppl,
-        )
+        losses["value"], vstats, values_mean = critic_loss(run, batch, micro, vib_seed)
         stats.update(vstats)
-    return losses, stats
+    return losses, stats, values_mean
+
+
+def critic_loss(run: Run, batch: Batch, micro: torch.Tensor, vib_seed: int):
+    """The critic's loss on rows ``micro``: clipped value loss (V and V_old compared at z = mu) + beta *
+    VIB KL + the auxiliary terms (vrpo); plain clipped value loss (ppo)."""
+    a, aux = run.cfg.algo, batch.aux
+    mb, m, T = batch.rollout.select(micro), batch.mask[micro], batch.mask.shape[1]
+    out = run.value_model(mb.input_ids, mb.attention_mask, response_mask=mb.response_mask, seed=vib_seed,
+                          noise_ids=micro[:, None] * T + torch.arange(T, device=m.device))
+    vrpo = a.algo == "vrpo"
+    weights = aux.get("token_weights")
+    nll_mask = aux.get("nll_mask")
+    loss, stats = vrpo_value_loss(
+        out.values, batch.old_values[micro], batch.returns[micro], m,
+        kl=out.kl if vrpo else None,
+        ent_pred=out.ent_pred if vrpo else None, ent_target=aux["ent_target"][micro],
+        nll_pred=out.nll_pred if vrpo else None, nll_target=aux["nll_target"][micro],
+        nll_mask=None if nll_mask is None else nll_mask[micro],
+        clip=a.value_clip, beta=a.beta, alpha_ent=a.alpha_ent, alpha_ppl=a.alpha_ppl,
+        values_mean=out.values_mean, token_weights=None if weights is None else weights[micro],
+    )
+    return loss, stats, out.values_mean.detach()
 
 
 def check_finite(losses: Dict[str, torch.Tensor], step: int, accelerator, last_checkpoint: Optional[str]) -> None:
@@ -240,11 +296,11 @@ def check_finite(losses: Dict[str, torch.Tensor], step: int, accelerator, last_c
         raise NonFiniteLossError(name, step, value, last_checkpoint)
 
 
-def optimizer_step(run: Run, step: int, norms: Dict[str, List[float]]) -> None:
+def optimizer_step(run: Run, step: int, norms: Dict[str, List[float]], train_policy: bool = True) -> None:
     """Clip and step each trained model once its gradients are accumulated, never on a non-finite
     gradient norm (the same on every process: it is computed from the all-reduced gradients)."""
     acc, o = run.acc, run.cfg.optim
-    models = [("policy", run.policy, run.policy_opt)]
+    models = [("policy", run.policy, run.policy_opt)] if train_policy else []
     if run.has_critic:
         models.append(("value", run.value_model, run.value_opt))
     if acc.sync_gradients:
@@ -256,6 +312,85 @@ def optimizer_step(run: Run, step: int, norms: Dict[str, List[float]]) -> None:
     for _, _, opt in models:
         opt.step()  # a no-op until the last micro-batch of the mini-batch (accelerate's accumulation)
         opt.zero_grad(set_to_none=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# diagnostics: does the critic absorb the reward noise? (the learner never sees the clean reward)
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def diagnostics(run: Run, step: int, batch: Batch) -> Dict[str, float]:
+    """adv_clean_corr / adv_noise_frac (all algorithms); value_clean_corr / value_noisy_corr /
+    value_noise_slope (critics); aux_value_grad_ratio every ``--diagnostics-every`` steps (vrpo)."""
+    mask = batch.mask
+    clean_adv, _ = compute_advantages(run, batch, batch.clean_reward)
+    out = advantage_diagnostics(batch.advantages, clean_adv, mask)
+    if not run.has_critic:
+        return out
+    first = first_state(batch.old_values, mask)
+    out["value_clean_corr"] = value_reward_corr(first, batch.clean_reward)
+    out["value_noisy_corr"] = value_reward_corr(first, batch.noisy_reward)
+    if batch.values_after is not None:
+        delta = batch.values_after - last_state(batch.old_values, mask)
+        out["value_noise_slope"] = regression_slope(delta, batch.noisy_reward - batch.clean_reward)
+    every = run.cfg.run.diagnostics_every
+    if run.cfg.uses_aux_regression and every and step % every == 0:
+        with torch.enable_grad():
+            out["aux_value_grad_ratio"] = aux_value_grad_ratio(run, batch)
+    return out
+
+
+def aux_value_grad_ratio(run: Run, batch: Batch) -> float:
+    """||d(aux losses)/d backbone|| / ||d(value loss)/d backbone|| on the first micro-batch (unwrapped
+    model, no optimiser step): how much the auxiliary heads pull on the critic's features."""
+    model = run.acc.unwrap_model(run.value_model)
+    a, aux = run.cfg.algo, batch.aux
+    micro = torch.arange(min(batch.mask.shape[0], run.cfg.optim.mini_batch_size // run.acc.num_processes),
+                         device=batch.mask.device)
+    mb, m = batch.rollout.select(micro), batch.mask[micro]
+    with run.acc.autocast():
+        out = model(mb.input_ids, mb.attention_mask, response_mask=mb.response_mask, seed=0)
+    value, _ = value_loss(out.values, batch.old_values[micro], batch.returns[micro], m, clip=a.value_clip,
+                          values_mean=out.values_mean)
+    nll_mask = aux["nll_mask"][micro]
+    aux_loss = a.alpha_ent * aux_regression_loss(out.ent_pred, aux["ent_target"][micro], m) + \
+        a.alpha_ppl * aux_regression_loss(out.nll_pred, aux["nll_target"][micro], nll_mask)
+    params = [p for p in model.backbone.parameters() if p.requires_grad]
+    g_value = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+    g_aux = torch.autograd.grad(aux_loss, params, allow_unused=True)
+
+    def norm(grads):
+        return math.sqrt(sum(float(g.double().square().sum()) for g in grads if g is not None))
+
+    denom = norm(g_value)
+    return norm(g_aux) / denom if denom > 0 else math.nan
+
+
+# ----------------------------------------------------------------------------------------------
+# critic warm-up
+# ----------------------------------------------------------------------------------------------
+def critic_warmup(run: Run) -> Dict[str, Any]:
+    """``--critic-warmup-steps`` value-only updates (vrpo and ppo alike) on rollouts of the warmed-up
+    policy with the noisy reward, before the first policy update, so that the first advantages come
+    from a critic that has learnt something. Its rollouts use their own prompt order and sampling keys."""
+    steps = run.cfg.optim.critic_warmup_steps
+    history = []
+    for k in range(steps):
+        seed_everything(derived_seed(run.cfg.run.seed, 14, k, run.acc.process_index))
+        batch = collect_batch(run, k, stream=13)
+        batch.advantages, batch.returns = compute_advantages(run, batch, batch.noisy_reward)
+        batch.aux = critic_targets(run, batch)
+        try:
+            stats = ppo_update(run, -1 - k, batch, train_policy=False)
+        except NonFiniteLossError as err:
+            raise NonFiniteLossError(err.loss_name, k + 1, err.value, err.last_checkpoint, quantity=err.quantity,
+                                     phase="critic warm-up step") from None
+        run.value_sched.step()
+        history.append({"step": k + 1, "value_mean": float(masked_mean(batch.old_values, batch.mask)),
+                        "noisy_return_mean": float(masked_mean(batch.returns, batch.mask)),
+                        "explained_variance": explained_variance(batch.old_values, batch.returns, batch.mask),
+                        **mean_over_processes(run.acc, {k2: v for k2, v in stats.items()
+                                                        if k2 in ("value_loss", "vib_kl", "critic_loss")})})
+    return {"critic_warmup_steps": steps, "history": history}
 
 
 def step_record(run: Run, step: int, batch: Batch, stats: Dict[str, float], step_time: float) -> Dict[str, Any]:
@@ -346,6 +481,14 @@ def _run_training(cfg: TrainConfig, accelerator=None) -> Dict[str, Any]:
             torch.set_num_threads(cfg.model.num_threads or 1)
         run = setup_run(cfg, acc, run_dir)
         step = run.start_step
+        if run.has_critic and cfg.optim.critic_warmup_steps and run.last_checkpoint is None:
+            report = critic_warmup(run)
+            save_run_checkpoint(run, 0, extra={"critic_warmup": report})  # a resume never redoes it
+            if acc.is_main_process:
+                last = report["history"][-1]
+                print(f"[vrpo_fast] critic warm-up: {report['critic_warmup_steps']} value-only steps; value mean "
+                      f"{last['value_mean']:.3f} vs noisy return mean {last['noisy_return_mean']:.3f} (explained "
+                      f"variance {last['explained_variance']:.2f})", flush=True)
         metrics = MetricsWriter(run_dir.file("metrics.jsonl"), resume_step=step if cfg.run.resume else None) \
             if acc.is_main_process else None
         bar = progress_bar(cfg.run.steps, cfg.algo.algo, cfg.run.progress and acc.is_main_process)
@@ -384,6 +527,7 @@ def finish(run: Run, final_step: int, t_start: float) -> Dict[str, Any]:
     metrics_path = run.dir.file("metrics.jsonl")
     summary = {
         "algo": cfg.algo.algo,
+        "variant": cfg.variant,
         "task": cfg.task.task,
         "noise": {"type": cfg.task.noise_type, "rate": cfg.task.noise_rate, "std": cfg.task.noise_std},
         "seed": cfg.run.seed,

@@ -37,6 +37,7 @@ __all__ = [
     "kl_penalty",
     "explained_variance",
     "vrpo_value_loss",
+    "aux_token_weights",
     "grpo_policy_loss",
     "aggregate_loss",
     "KL_ESTIMATORS",
@@ -265,18 +266,31 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     return float(_explained_variance_tensor(values, returns, mask))
 
 
-def _value_loss_terms(values, old_values, returns, mask, clip) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _value_loss_terms(values, old_values, returns, mask, clip, values_mean=None, token_weights=None
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dtype = _compute_dtype(values, old_values, returns)
     v = values.to(dtype)
     r = returns.detach().to(dtype)
+    w = None if token_weights is None else token_weights.detach().to(dtype)
+
+    def mean(x):
+        return masked_mean(x if w is None else x * w, mask)
+
     err_unclipped = (v - r).square()
     if clip is None:
         zero = torch.zeros((), dtype=dtype, device=v.device)
-        return 0.5 * masked_mean(err_unclipped, mask), zero, dtype
+        return 0.5 * mean(err_unclipped), zero, dtype
     v_old = old_values.detach().to(dtype)
-    v_clipped = v_old + (v - v_old).clamp(-clip, clip)
+    if values_mean is None:
+        v_clipped = v_old + (v - v_old).clamp(-clip, clip)
+    else:
+        # like with like: V_old is the value at z = mu, so clip the mean part of the new value (also at
+        # z = mu) and keep this sample's noise offset (v - v_mean) on both branches; without drift the
+        # two branches are equal and the sampling noise alone never triggers the clip
+        vm = values_mean.to(dtype)
+        v_clipped = v_old + (vm - v_old).clamp(-clip, clip) + (v - vm)
     err_clipped = (v_clipped - r).square()
-    loss = 0.5 * masked_mean(torch.maximum(err_unclipped, err_clipped), mask)
+    loss = 0.5 * mean(torch.maximum(err_unclipped, err_clipped))
     with torch.no_grad():
         clipfrac = masked_mean((err_clipped > err_unclipped).to(dtype), mask)
     return loss, clipfrac, dtype
@@ -289,20 +303,27 @@ def value_loss(
     mask: torch.Tensor,
     *,
     clip: Optional[float] = 0.2,
+    values_mean: Optional[torch.Tensor] = None,
+    token_weights: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Stats]:
-    """Clipped value loss ``0.5 * masked_mean(max((V - R)^2, (clip(V, V_old +- clip) - R)^2))``.
+    """Clipped value loss ``0.5 * masked_mean(w * max((V - R)^2, (V_clip - R)^2))``.
 
-    ``clip=None`` disables clipping (``0.5 * masked_mean((V - R)^2)``; ``old_values`` may then be
-    None). ``returns`` and ``old_values`` are constants (detached). Note the clip is absolute (in
-    reward units), not relative. Stats: ``vf_clipfrac`` (fraction of tokens where the clipped error
-    is the active max), ``explained_variance`` (nan when the returns have no variance),
+    ``V_clip = clip(V, V_old +- clip)``; with ``values_mean`` (the value at the VIB mean, z = mu, when
+    ``values`` come from a sampled z and ``old_values`` from z = mu):
+    ``V_clip = V_old + clip(V_mu - V_old, +-clip) + (V - V_mu)``, so the clip compares values of the
+    same z mode. ``token_weights`` ``w`` [B, T] (constants, mean 1 over the response tokens; see
+    :func:`aux_token_weights`) scale each token's term; None = 1. ``clip=None`` disables clipping
+    (``old_values`` may then be None). ``returns`` and ``old_values`` are constants (detached). The
+    clip is absolute (in reward units). Stats: ``vf_clipfrac`` (fraction of tokens where the clipped
+    error is the active max), ``explained_variance`` (nan when the returns have no variance),
     ``value_loss``, ``values_mean``, ``returns_mean``.
     """
     _check_clip("clip", clip)
     if clip is not None and old_values is None:
         raise ValueError("old_values must be given when clip is not None")
-    _check_tokens(mask, values=values, old_values=old_values, returns=returns)
-    loss, clipfrac, dtype = _value_loss_terms(values, old_values, returns, mask, clip)
+    _check_tokens(mask, values=values, old_values=old_values, returns=returns, values_mean=values_mean,
+                  token_weights=token_weights)
+    loss, clipfrac, dtype = _value_loss_terms(values, old_values, returns, mask, clip, values_mean, token_weights)
     with torch.no_grad():
         stats: Stats = {
             "value_loss": loss.detach(),
@@ -312,6 +333,22 @@ def value_loss(
             "returns_mean": masked_mean(returns.detach().to(dtype), mask),
         }
     return loss, stats
+
+
+def aux_token_weights(signal: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """VRPO's *weight* reading of the auxiliary signal: ``w = n * softmax(signal / temperature)`` over
+    each sequence's ``n`` masked tokens (mean weight 1 per sequence; 0 off the mask and on rows with no
+    masked token). ``signal`` [B, T] is the frozen LM's entropy and/or surprisal in nats: the critic
+    spends its capacity where the LM is uncertain. ``temperature`` -> inf gives uniform weights.
+    """
+    _check_tokens(mask, signal=signal)
+    if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    on = _mask_as(mask, torch.float32) > 0
+    logits = torch.where(on, signal.detach().float() / temperature, torch.full_like(signal, -math.inf).float())
+    n = on.sum(-1, keepdim=True)
+    w = torch.softmax(logits, dim=-1) * n.to(torch.float32)
+    return torch.where(on, w, torch.zeros_like(w))  # rows with no token: softmax of all -inf is NaN -> 0
 
 
 def aux_regression_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -339,19 +376,25 @@ def vrpo_value_loss(
     beta: float = 1e-3,
     alpha_ent: float = 0.1,
     alpha_ppl: float = 0.1,
+    values_mean: Optional[torch.Tensor] = None,
+    token_weights: Optional[torch.Tensor] = None,
+    nll_mask: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Stats]:
     """VRPO critic loss ``L_V + beta * KL + alpha_ent * L_ent + alpha_ppl * L_ppl``.
 
-    ``L_V`` is :func:`value_loss`; ``kl`` is the VIB head's KL, either already reduced (0-d tensor,
-    e.g. ``ValueOutput.kl``) or per token [B, T] (then masked-mean reduced here); ``L_ent`` /
-    ``L_ppl`` are :func:`aux_regression_loss` of the entropy / NLL head predictions against the
-    frozen LM's per-token entropy / NLL. Any of ``kl``, ``ent_pred``, ``nll_pred`` may be None: that
-    term is skipped, so the PPO baseline calls this with all three None and gets :func:`value_loss`.
+    ``L_V`` is :func:`value_loss` (with ``values_mean`` and ``token_weights``); ``kl`` is the VIB
+    head's KL, either already reduced (0-d tensor, e.g. ``ValueOutput.kl``) or per token [B, T] (then
+    masked-mean reduced here); ``L_ent`` / ``L_ppl`` are :func:`aux_regression_loss` of the entropy /
+    surprisal head predictions against the frozen LM's per-token entropy / surprisal, the latter over
+    ``nll_mask`` (default ``mask``: the states where the target is defined). Any of ``kl``,
+    ``ent_pred``, ``nll_pred`` may be None: that term is skipped, so the PPO baseline calls this with
+    all three None and gets :func:`value_loss`.
 
     Stats: those of :func:`value_loss` plus ``vib_kl``, ``ent_loss``, ``ppl_loss`` for the terms
     present, and ``critic_loss`` (the total).
     """
-    loss, stats = value_loss(values, old_values, returns, mask, clip=clip)
+    loss, stats = value_loss(values, old_values, returns, mask, clip=clip, values_mean=values_mean,
+                             token_weights=token_weights)
     if kl is not None:
         check_tensor("kl", kl, dtypes=FLOAT_DTYPES)
         if kl.dim() == 0:
@@ -361,15 +404,15 @@ def vrpo_value_loss(
             kl_mean = masked_mean(kl.to(loss.dtype), mask)
         loss = loss + beta * kl_mean
         stats["vib_kl"] = kl_mean.detach()
-    for stat, pred, target, pred_name, target_name, weight in (
-        ("ent_loss", ent_pred, ent_target, "ent_pred", "ent_target", alpha_ent),
-        ("ppl_loss", nll_pred, nll_target, "nll_pred", "nll_target", alpha_ppl),
+    for stat, pred, target, pred_name, target_name, weight, m in (
+        ("ent_loss", ent_pred, ent_target, "ent_pred", "ent_target", alpha_ent, mask),
+        ("ppl_loss", nll_pred, nll_target, "nll_pred", "nll_target", alpha_ppl, mask if nll_mask is None else nll_mask),
     ):
         if pred is None:
             continue
         if target is None:
             raise ValueError(f"{target_name} must be given when {pred_name} is given")
-        aux = aux_regression_loss(pred, target, mask).to(loss.dtype)
+        aux = aux_regression_loss(pred, target, m).to(loss.dtype)
         loss = loss + weight * aux
         stats[stat] = aux.detach()
     stats["critic_loss"] = loss.detach()

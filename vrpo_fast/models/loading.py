@@ -134,15 +134,17 @@ def frozen_copy(model):
 
 
 def build_value_model(policy, *, algo: str, critic_path: Optional[str] = None, latent_dim: int = 64,
-                      beta: float = 1e-3, aux_input: str = "z", attn_implementation: str = "sdpa"):
-    """The critic: VIB head + auxiliary heads (vrpo) or a scalar head (ppo).
+                      beta: float = 1e-3, aux_input: str = "h", attn_implementation: str = "sdpa",
+                      aux_heads: bool = True, logvar_init: float = -5.0):
+    """The critic: VIB head (+ auxiliary heads when ``aux_heads``) for vrpo, a scalar head for ppo.
 
     Its backbone is a copy of ``policy``'s body (standard practice: start from the warmed-up policy)
     unless ``critic_path`` names a directory (a saved ValueModel, or any HF model used as backbone).
     """
     from .value_model import ValueModel
 
-    head_kwargs = dict(head="vib", latent_dim=latent_dim, beta=beta, aux_heads=True, aux_input=aux_input)
+    head_kwargs = dict(head="vib", latent_dim=latent_dim, beta=beta, aux_heads=aux_heads, aux_input=aux_input,
+                       logvar_init=logvar_init)
     if algo == "ppo":
         head_kwargs = dict(head="scalar", aux_heads=False)
     if critic_path is not None:

@@ -38,7 +38,8 @@ class ValueOutput(NamedTuple):
     values: torch.Tensor  # [B, T]
     kl: torch.Tensor  # 0-d: masked mean over tokens of the VIB KL (sum over latent dims); 0 for the scalar head
     ent_pred: Optional[torch.Tensor]  # [B, T] predicted frozen-LM entropy, or None without auxiliary heads
-    nll_pred: Optional[torch.Tensor]  # [B, T] predicted frozen-LM NLL of the next token, or None
+    nll_pred: Optional[torch.Tensor]  # [B, T] predicted frozen-LM surprisal target, or None
+    values_mean: Optional[torch.Tensor] = None  # [B, T] the value at z = mu (= values in eval / scalar head)
 
 
 def hidden_size_of(config) -> int:
@@ -110,6 +111,7 @@ class ValueModel(nn.Module):
         logvar_clamp: Optional[Tuple[float, float]] = (-20.0, 10.0),
         decoder: str = "linear",
         aux_hidden: int = 64,
+        logvar_init: float = -5.0,
     ):
         super().__init__()
         if head not in ("vib", "scalar"):
@@ -132,11 +134,12 @@ class ValueModel(nn.Module):
             "logvar_clamp": list(logvar_clamp) if logvar_clamp is not None else None,
             "decoder": decoder,
             "aux_hidden": int(aux_hidden),
+            "logvar_init": float(logvar_init),
         }
         if head == "vib":
             self.value_head = VIBValueHead(
                 hidden_size, latent_dim=latent_dim, beta=beta, decoder=decoder,
-                logvar_clamp=tuple(logvar_clamp) if logvar_clamp is not None else None,
+                logvar_clamp=tuple(logvar_clamp) if logvar_clamp is not None else None, logvar_init=logvar_init,
             )
         else:
             self.value_head = ScalarValueHead(hidden_size)
@@ -249,14 +252,17 @@ class ValueModel(nn.Module):
         # zero them (select, not multiply: NaN * 0 is NaN) so masked reductions downstream stay finite
         attended = attention_mask.bool()
         values = torch.where(attended, values, torch.zeros_like(values))
+        values_mean = head_out.values_mean.float() if head_out.values_mean is not None else values
+        values_mean = torch.where(attended, values_mean, torch.zeros_like(values_mean))
         if ent_pred is not None:
             ent_pred = torch.where(attended, ent_pred, torch.zeros_like(ent_pred))
             nll_pred = torch.where(attended, nll_pred, torch.zeros_like(nll_pred))
         if align_to_tokens:
             values = _shift_right(values)
+            values_mean = _shift_right(values_mean)
             ent_pred = _shift_right(ent_pred) if ent_pred is not None else None
             nll_pred = _shift_right(nll_pred) if nll_pred is not None else None
-        return ValueOutput(values=values, kl=kl, ent_pred=ent_pred, nll_pred=nll_pred)
+        return ValueOutput(values=values, kl=kl, ent_pred=ent_pred, nll_pred=nll_pred, values_mean=values_mean)
 
     # ------------------------------------------------------------------ training helpers
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):

@@ -21,6 +21,7 @@ class VIBHeadOutput(NamedTuple):
     z: Optional[torch.Tensor]  # [B, T, L] latent sample (mu in eval); None for ScalarValueHead
     kl_per_token: torch.Tensor  # [B, T] fp32, KL(q(z | h_t) || N(0, I)) summed over latent dims
     kl: torch.Tensor  # scalar fp32: mean of kl_per_token over the mask (0 if nothing is unmasked)
+    values_mean: Optional[torch.Tensor] = None  # [B, T] fp32 value at z = mu (equal to values in eval)
 
 
 def _prepare_inputs(hidden, mask, layer: nn.Linear) -> torch.Tensor:
@@ -66,13 +67,23 @@ def _zero_init_linear(layer: nn.Linear) -> nn.Linear:
     return layer
 
 
+def _small_init_linear(layer: nn.Linear, scale: float = 0.1) -> nn.Linear:
+    """A standard Linear init scaled down, bias 0: the output starts near 0 but the layer passes
+    gradient to what feeds it from the first step (a zero weight would block the encoder's gradient)."""
+    with torch.no_grad():
+        layer.weight.mul_(scale)
+        if layer.bias is not None:
+            layer.bias.zero_()
+    return layer
+
+
 def _build_decoder(decoder: Union[str, nn.Module], latent_dim: int) -> nn.Module:
     if isinstance(decoder, nn.Module):
         return decoder
     if decoder == "linear":
-        return _zero_init_linear(nn.Linear(latent_dim, 1))
+        return _small_init_linear(nn.Linear(latent_dim, 1))
     if decoder == "mlp":
-        return nn.Sequential(nn.Linear(latent_dim, latent_dim), nn.GELU(), _zero_init_linear(nn.Linear(latent_dim, 1)))
+        return nn.Sequential(nn.Linear(latent_dim, latent_dim), nn.GELU(), _small_init_linear(nn.Linear(latent_dim, 1)))
     raise ValueError(
         f"decoder must be 'linear', 'mlp' or an nn.Module mapping [..., latent_dim] -> [..., 1], got {decoder!r}"
     )
@@ -90,13 +101,16 @@ class VIBValueHead(nn.Module):
         latent_dim: L, the bottleneck width (default 64).
         beta: recommended KL weight, stored as ``head.beta``: ``loss = value_loss + head.beta * out.kl``.
         decoder: ``"linear"`` (L -> 1), ``"mlp"`` (L -> L -> GELU -> 1) or any module mapping
-            ``[..., L] -> [..., 1]``. The built-in decoders zero-init their output layer.
+            ``[..., L] -> [..., 1]``. The built-in decoders start their output layer at a tenth of a
+            standard Linear init (values start near 0, gradients reach the encoder at once).
         logvar_clamp: ``(low, high)`` for logvar, or None (see :func:`vib_sample_kl`).
+        logvar_init: initial logvar bias (default -5: sigma ~ 0.08), so the latent starts informative.
         backend: backend of the fused op (``"auto"``, ``"triton"``, ``"torch"``).
 
-    At initialisation the encoder weights are small (std ``0.01 / sqrt(H)``) and its biases zero, so
-    ``mu ~ 0`` and ``logvar ~ 0``: the posterior starts at the prior (KL ~ 0) and, with the zero-init
-    decoder output, values start at 0.
+    At initialisation the encoder is a standard ``nn.Linear`` (``mu`` of order 1 for a normed hidden
+    state) with its logvar biases at ``logvar_init``: z starts as a nearly noise-free projection of h
+    (an informative latent), and the KL term then decides how much of it the critic keeps. (A prior-
+    like start, mu ~ 0 and sigma = 1, is a saddle: z is pure noise, so the value cannot learn.)
     """
 
     def __init__(
@@ -107,6 +121,7 @@ class VIBValueHead(nn.Module):
         decoder: Union[str, nn.Module] = "linear",
         logvar_clamp: Optional[Tuple[float, float]] = (-20.0, 10.0),
         backend: str = "auto",
+        logvar_init: float = -5.0,
     ):
         super().__init__()
         if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
@@ -122,9 +137,13 @@ class VIBValueHead(nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
-        self.encoder = nn.Linear(hidden_size, 2 * latent_dim)
-        nn.init.normal_(self.encoder.weight, std=0.01 / math.sqrt(hidden_size))
-        nn.init.zeros_(self.encoder.bias)
+        if isinstance(logvar_init, bool) or not isinstance(logvar_init, (int, float)) or not math.isfinite(logvar_init):
+            raise ValueError(f"logvar_init must be a finite float, got {logvar_init!r}")
+        self.logvar_init = float(logvar_init)
+        self.encoder = nn.Linear(hidden_size, 2 * latent_dim)  # standard init for the weights
+        with torch.no_grad():
+            self.encoder.bias[:latent_dim].zero_()
+            self.encoder.bias[latent_dim:].fill_(self.logvar_init)
         self.decoder = _build_decoder(decoder, latent_dim)
 
     def forward(
@@ -147,6 +166,12 @@ class VIBValueHead(nn.Module):
             mu, logvar, seed=seed, training=self.training, logvar_clamp=self.logvar_clamp, backend=self.backend,
             row_ids=row_ids,
         )
+        values = self._decode(z, hidden)
+        values_mean = self._decode(mu, hidden) if self.training else values
+        kl_per_token = kl_per_token.float()
+        return VIBHeadOutput(values, z, kl_per_token, _masked_token_mean(kl_per_token, mask), values_mean)
+
+    def _decode(self, z: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         values = self.decoder(z)
         if values.dim() == z.dim() and values.shape[-1] == 1:
             values = values.squeeze(-1)
@@ -154,13 +179,12 @@ class VIBValueHead(nn.Module):
             raise ValueError(
                 f"decoder must map [..., {self.latent_dim}] -> [..., 1], got output shape {tuple(values.shape)}"
             )
-        kl_per_token = kl_per_token.float()
-        return VIBHeadOutput(values.float(), z, kl_per_token, _masked_token_mean(kl_per_token, mask))
+        return values.float()
 
     def extra_repr(self) -> str:
         return (
             f"hidden_size={self.hidden_size}, latent_dim={self.latent_dim}, beta={self.beta}, "
-            f"logvar_clamp={self.logvar_clamp}"
+            f"logvar_clamp={self.logvar_clamp}, logvar_init={self.logvar_init}"
         )
 
 
@@ -187,4 +211,4 @@ class ScalarValueHead(nn.Module):
         hidden = _prepare_inputs(hidden, mask, self.value)
         values = self.value(hidden).squeeze(-1).float()
         zeros = torch.zeros(values.shape, dtype=torch.float32, device=values.device)
-        return VIBHeadOutput(values, None, zeros, zeros.new_zeros(()))
+        return VIBHeadOutput(values, None, zeros, zeros.new_zeros(()), values)

@@ -77,13 +77,73 @@ def keyed_uniform(seed: int, *keys, dtype: torch.dtype = torch.float32) -> torch
     return _unit(_srl(keyed_hash(seed, *keys), 40), dtype)
 
 
+# keyed_normal's Box-Muller uses only +, -, *, / and exact bit operations (frexp, integer quadrant),
+# in float32 and in a fixed order: libm, SLEEF, vendor and CUDA log / cos / sqrt differ in the last
+# bit (torch's own CPU kernels even round differently in vectorised bodies and scalar tails), so a
+# stream built on them could not be reproduced bit for bit by the C++ extension (csrc/common.h,
+# keyed_normal_f32), which evaluates exactly these operations. Constants are float32 values (exact
+# in both); series: log f = 2 atanh(s) = 2 sum s^(2k+1) / (2k+1), cos / sin on [-pi/4, pi/4].
+_F = float.fromhex
+_LN2 = _F("0x1.62e430p-1")
+_TWO_PI = _F("0x1.921fb6p+2")
+_SQRT_HALF = _F("0x1.6a09e6p-1")
+_ATANH_COEFS = tuple(map(_F, ("0x1p0", "0x1.555556p-2", "0x1.99999ap-3", "0x1.24924ap-3", "0x1.c71c72p-4",
+                              "0x1.745d18p-4")))
+_COS_COEFS = tuple(map(_F, ("0x1p0", "-0x1p-1", "0x1.555556p-5", "-0x1.6c16c2p-10", "0x1.a01a02p-16",
+                            "-0x1.27e4fcp-22")))
+_SIN_COEFS = tuple(map(_F, ("0x1p0", "-0x1.555556p-3", "0x1.111112p-7", "-0x1.a01a02p-13", "0x1.71de3ap-19",
+                            "-0x1.ae6456p-26")))
+
+
+def _horner(x: torch.Tensor, coefs) -> torch.Tensor:
+    p = torch.full_like(x, coefs[-1])
+    for c in reversed(coefs[:-1]):
+        p = p * x + c
+    return p
+
+
+def _sqrt(x: torch.Tensor) -> torch.Tensor:
+    """sqrt of positive float32 from basic operations: 1/sqrt by an exponent-halving bit estimate
+    and 3 Newton steps ``y (1.5 - x/2 y^2)``, times ``x``. Not torch.sqrt: large CPU tensors may go
+    through a vendor math library, so its last bit is not the C++ twin's."""
+    half = 0.5 * x
+    y = (0x5F3759DF - (x.contiguous().view(torch.int32) >> 1)).view(torch.float32)
+    for _ in range(3):
+        y = y * (1.5 - half * y * y)
+    return x * y
+
+
 def keyed_normal(seed: int, *keys, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """N(0, 1) keyed by ``(seed, *keys)``: Box-Muller on two 24-bit uniforms from one hash."""
+    """N(0, 1) keyed by ``(seed, *keys)``: Box-Muller on two 23-bit uniforms from one hash.
+
+    ``u = (b + 1/2) 2^-23`` (b: hash bits 41..63 and 17..39), ``sqrt(-2 log u1) cos(2 pi u2)``
+    evaluated in float32 from basic IEEE operations only (series for log and cos, exact range
+    reduction, Newton steps for 1/sqrt; ~1e-7 relative to the exact formula), then converted to
+    ``dtype`` (float64 gets the float32 value). The result is the same bits on every device and in
+    the C++ extension, which draws this stream for the VIB noise on CPU. Tails reach 5.8 sigma.
+    """
     h = keyed_hash(seed, *keys)
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
-    u1 = _unit(_srl(h, 40), compute)
-    u2 = _unit(_srl(h, 16) & 0xFFFFFF, compute)
-    return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)).to(dtype)
+    f32 = torch.float32
+    b1, b2 = _srl(h, 41), _srl(h, 17) & 0x7FFFFF
+    u1 = (2 * b1 + 1).to(f32) * (2.0 ** -24)  # exact: 2 b + 1 < 2^24
+    u2 = (2 * b2 + 1).to(f32) * (2.0 ** -24)
+    # log u1 = log f + e log 2, f in [sqrt(1/2), sqrt(2)), log f = 2 atanh((f - 1) / (f + 1)).
+    f, e = torch.frexp(u1)  # f in [0.5, 1)
+    low = f < _SQRT_HALF
+    f = torch.where(low, f * 2.0, f)
+    e = torch.where(low, e - 1, e).to(f32)
+    s = (f - 1.0) / (f + 1.0)
+    log_u1 = (2.0 * s) * _horner(s * s, _ATANH_COEFS) + e * _LN2
+    radius = _sqrt(-2.0 * log_u1)
+    # cos(2 pi u2) = cos(q pi / 2 + theta), q = round(4 u2) (never a tie), |theta| <= pi / 4.
+    q = (b2 + (1 << 20)) >> 21
+    theta = (u2 - q.to(f32) * 0.25) * _TWO_PI
+    t2 = theta * theta
+    c = _horner(t2, _COS_COEFS)
+    sn = _horner(t2, _SIN_COEFS) * theta
+    quadrant = q & 3
+    cs = torch.where(quadrant == 0, c, torch.where(quadrant == 1, -sn, torch.where(quadrant == 2, -c, sn)))
+    return (radius * cs).to(dtype)
 
 
 def keyed_gumbel(seed: int, *keys, dtype: torch.dtype = torch.float32) -> torch.Tensor:

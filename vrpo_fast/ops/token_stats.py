@@ -24,6 +24,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import _cpu_ext
 from ._common import (FLOAT_DTYPES, accumulation_dtype, check_backend, check_leading_shape, check_tensor,
                       is_compiling, resolve_backend, resolve_out_dtype)
 
@@ -76,6 +77,10 @@ def _load_scaled(x: torch.Tensor, inv_temperature: float, ws: torch.Tensor) -> t
 # page-fault on every chunk, and in-place passes over a cache-sized chunk are cheap, so the math is
 # written as a few out= / in-place passes rather than expressions that allocate N x V temporaries.
 def _forward_torch_2d(logits, labels, inv_temperature, ignore_index, compute_entropy):
+    if logits.device.type == "cpu" and logits.dtype in _CPP_DTYPES:
+        ext = _cpu_ext.extension("token_stats_forward", "token_logprobs_entropy")
+        if ext is not None:
+            return _forward_cpp(ext, logits, labels, inv_temperature, ignore_index, compute_entropy)
     N, V = logits.shape
     acc_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     # Outputs in the accumulation dtype: fp32, or fp64 for fp64 logits.
@@ -114,6 +119,11 @@ def _forward_torch_2d(logits, labels, inv_temperature, ignore_index, compute_ent
 
 def _backward_torch_2d(logits, labels, lse, entropy, grad_logprobs, grad_entropy, inv_temperature,
                        ignore_index, out):
+    if logits.device.type == "cpu" and logits.dtype in _CPP_DTYPES and out.dtype == logits.dtype:
+        ext = _cpu_ext.extension("token_stats_backward", "token_logprobs_entropy")
+        if ext is not None:
+            return _backward_cpp(ext, logits, labels, lse, entropy, grad_logprobs, grad_entropy, inv_temperature,
+                                 ignore_index, out)
     N, V = logits.shape
     acc_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     valid = labels != ignore_index
@@ -152,6 +162,49 @@ def _backward_torch_2d(logits, labels, lse, entropy, grad_logprobs, grad_entropy
         p.scatter_add_(1, safe_labels[i:j], g_label[i:j])
         if not direct:
             out[i:j].copy_(p)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU: the C++ extension (csrc/token_stats.cpp) for fp32 / bf16 / fp16 logits, read in place (row
+# stride free): one read of the logits forward (blockwise online max / sum-exp / sum p*x), one read
+# and one write backward (possibly over the logits), vectorised, threads over rows, GIL released.
+# fp64 logits stay on the chunked torch path above.
+# ----------------------------------------------------------------------------------------------
+_CPP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _f32_rows(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.to(torch.float32).contiguous()
+
+
+def _forward_cpp(ext, logits, labels, inv_temperature, ignore_index, compute_entropy):
+    N, V = logits.shape
+    labels = labels.to(torch.int64).contiguous()
+    logprobs = torch.empty(N, dtype=torch.float32)
+    entropy = torch.empty(N, dtype=torch.float32) if compute_entropy else None
+    lse = torch.empty(N, dtype=torch.float32)
+    ext.token_stats_forward(logits.data_ptr(), labels.data_ptr(), logprobs.data_ptr(),
+                            entropy.data_ptr() if compute_entropy else 0, lse.data_ptr(), N, V,
+                            _cpu_ext.row_stride(logits), _cpu_ext.DTYPE_CODES[logits.dtype], float(inv_temperature),
+                            int(ignore_index), torch.get_num_threads())
+    return logprobs, entropy, lse
+
+
+def _backward_cpp(ext, logits, labels, lse, entropy, grad_logprobs, grad_entropy, inv_temperature, ignore_index,
+                  out):
+    N, V = logits.shape
+    labels = labels.to(torch.int64).contiguous()
+    grad_lp, grad_h = _f32_rows(grad_logprobs), _f32_rows(grad_entropy)
+    ent = _f32_rows(entropy) if grad_h is not None else None
+    lse = _f32_rows(lse)
+    ext.token_stats_backward(logits.data_ptr(), labels.data_ptr(), lse.data_ptr(),
+                             ent.data_ptr() if ent is not None else 0,
+                             grad_lp.data_ptr() if grad_lp is not None else 0,
+                             grad_h.data_ptr() if grad_h is not None else 0, out.data_ptr(), N, V,
+                             _cpu_ext.row_stride(logits), _cpu_ext.row_stride(out),
+                             _cpu_ext.DTYPE_CODES[logits.dtype], float(inv_temperature), int(ignore_index),
+                             torch.get_num_threads())
     return out
 
 

@@ -21,14 +21,15 @@ Backends:
 * CUDA (``backend="triton"``): Philox, ``tl.randn(seed, i)`` with ``i`` the flat row-major index, or
   ``i = row_id * L + j`` (64-bit) with ``row_ids``; one kernel for the forward (writes z and the KL),
   one for the backward.
-* CPU (``backend="torch"``): ``Tensor.normal_`` from ``torch.Generator``s seeded from ``seed`` and
-  the row block (a block is ~32K elements), or with ``row_ids`` the counter-based
-  :func:`vrpo_fast.ops._random.keyed_normal` of ``(seed, row_id, j)``; cache-sized blocks spread
-  over torch's thread count.
+* CPU (``backend="torch"``): the C++ extension (``csrc/vib.cpp``; one pass per row, threads over
+  rows with the GIL released) drawing the counter-based
+  :func:`vrpo_fast.ops._random.keyed_normal` of ``(seed, key, j)``, key = the row id, or the flat
+  row index when ``row_ids`` is None (so ``row_ids=arange(rows)`` reproduces the id-less stream).
+  Without the extension (one-time warning), the same math and the same stream, bit for bit, in
+  cache-sized torch blocks.
 
-The two backends draw different streams for the same seed (Philox vs. Mersenne Twister / SplitMix64
-hash), with or without ``row_ids``; without them the CPU stream also depends on the latent size L
-(it sets the block size). Each is deterministic for a given (seed, shape[, row_ids]). Arithmetic is
+The two backends draw different streams for the same seed (Philox vs. the SplitMix64 hash), with or
+without ``row_ids``. Each is deterministic for a given (seed, shape[, row_ids]). Arithmetic is
 in fp32 (fp64 for fp64 inputs) on both; outputs are stored in the input dtype, the KL in fp32 (fp64
 for fp64 inputs).
 """
@@ -98,33 +99,18 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 # temporary is a small, cache-resident, reused buffer (eager PyTorch allocates ~10 fresh
 # latent-sized tensors per forward + backward; this path allocates only its outputs).
 #
-# Noise: block b (rows [b * R, (b + 1) * R), R = _CPU_BLOCK_ELEMS // L) draws Tensor.normal_ from a
-# torch.Generator seeded with mix(seed, b); the backward re-seeds and redraws each block. So eps is
-# a function of (seed, shape), independent of threads or call order, and differs from the Triton
-# path's Philox stream. Blocks are independent, so on CPU they are spread over
-# torch.get_num_threads() Python threads (each op on a block is below torch's intra-op grain size
-# and runs single-threaded; the generator, which dominates the cost, is then parallel too).
+# Noise: keyed_normal(seed, row id or flat row index, column), drawn again in the backward.
 # ----------------------------------------------------------------------------------------------
 
 _CPU_BLOCK_ELEMS = (1 << 15) - 1  # just under ATen's 32768-element grain size: ops stay serial
-_MASK64 = (1 << 64) - 1
-
-
-def _block_seed(seed: int, block: int) -> int:
-    """SplitMix64 finaliser of (seed, block): well-separated generator seeds for adjacent blocks."""
-    x = (seed + (block + 1) * 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
 
 
 class _Scratch:
-    """Per-thread reusable buffers and generator for the block loop."""
+    """Reusable buffers for the block loop."""
 
     def __init__(self, device, dtype):
         self.device, self.dtype = device, dtype
         self.bufs = {}
-        self.gen = torch.Generator(device=device)
 
     def buf(self, name: str, shape) -> torch.Tensor:
         n = shape[0] * shape[1]
@@ -135,10 +121,6 @@ class _Scratch:
 
     def compute_dtype(self, block: torch.Tensor, name: str) -> torch.Tensor:
         return block if block.dtype == self.dtype else self.buf(name, block.shape).copy_(block)
-
-    def randn(self, shape, seed: int, block: int) -> torch.Tensor:
-        self.gen.manual_seed(_block_seed(seed, block))
-        return self.buf("eps", shape).normal_(generator=self.gen)
 
 
 def _for_each_block(n_rows: int, n_cols: int, device, dtype, body) -> None:
