@@ -22,6 +22,8 @@
 // rows interleaved (independent dependency chains), validation in separate sweeps over each row.
 #include <pybind11/pybind11.h>
 
+#include "common.h"
+
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #define VRPO_GAE_SSE2 1
@@ -475,8 +477,7 @@ void gae_forward(uintptr_t rewards, uintptr_t values, uintptr_t mask, uintptr_t 
 
 }  // namespace
 
-PYBIND11_MODULE(_C, m) {
-    m.doc() = "vrpo_fast C++ extension (no torch headers): GAE over [B, T] CPU buffers";
+void register_gae(py::module_& m) {
     m.def("gae_forward", &gae_forward,
           "GAE over [B, T] buffers given by address and element strides; writes contiguous advantages/returns.\n"
           "value_code: 0 float32, 1 float64. mask_code: 0 uint8, 1 int8, 2 int16, 3 int32, 4 int64,\n"
