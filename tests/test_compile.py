@@ -135,6 +135,29 @@ def test_seeds_and_positions_do_not_recompile_every_call():
     assert counts["frames"] <= 2  # the first graph plus, at most, the one with symbolic ints
 
 
+def test_dynamic_shapes_one_graph_for_every_op():
+    """dynamic=True: the fake kernels take symbolic shapes; new shapes reuse the graph."""
+    def step(x, y, h, w, mu):
+        lp, ent = token_logprobs_entropy(x, y, temperature=1.3)
+        lp2, ent2 = linear_logprobs_entropy(h, w, y)
+        z, kl = vib_sample_kl(mu, mu * 0.5, seed=1)
+        adv, _ = gae(lp.detach(), ent.detach(), torch.ones_like(lp), lam=0.9)
+        tokens = keyed_sample(x.detach().flatten(0, 1), torch.arange(y.numel()), seed=1, position=2)
+        return lp.sum() + ent2.sum() + lp2.sum() + z.sum() + kl.sum() + adv.sum() + tokens.sum()
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend="aot_eager")
+    gen = torch.Generator().manual_seed(4)
+    for B, T, V in ((2, 5, 33), (3, 7, 40), (1, 1, 7)):
+        x = torch.randn(B, T, V, generator=gen).requires_grad_()
+        h = torch.randn(B, T, 8, generator=gen).requires_grad_()
+        w = torch.randn(V, 8, generator=gen).requires_grad_()
+        mu = torch.randn(B, T, 4, generator=gen).requires_grad_()
+        y = torch.randint(0, V, (B, T), generator=gen)
+        inputs = [x, h, w, mu]
+        out, ref = compiled(x, y, h, w, mu), step(x, y, h, w, mu)
+        _assert_same([out, *_grads(out, inputs)], [ref, *_grads(ref, inputs)], rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------
 # non-differentiable ops
 # ------------------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 Each op has one entry here, a plain-PyTorch ``*_reference`` twin it is tested against, and a
 dispatch: CUDA tensors -> Triton kernel, CPU tensors -> C++ extension or chunked PyTorch.
-Every op also takes ``backend="auto" | "triton" | "torch"`` to force a path.
+Every op also takes ``backend="auto" | "triton" | "torch"`` to force a path. Underneath, each is a
+PyTorch custom op (``torch.ops.vrpo_fast.*``, with a fake kernel and, where differentiable, an autograd
+formula), so ``torch.compile(fullgraph=True)`` traces the public functions without a graph break.
 """
 from .gae import gae, gae_reference
 from .linear_stats import linear_logprobs_entropy, linear_logprobs_entropy_reference

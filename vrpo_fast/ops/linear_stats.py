@@ -29,6 +29,12 @@ Workspace (beyond inputs, outputs and the gradients themselves), independent of 
   bytes at most, and none when every gradient comes from a single tile per row block;
 * the building blocks' own scratch (none for Triton; 4 MiB chunks on the torch path).
 
+Dtypes: the GEMMs run in one compute dtype, the autocast dtype inside ``torch.autocast`` (as
+``nn.Linear``) or else the promotion of the hidden / weight / bias dtypes; the statistics accumulate
+in fp32 (fp64 for fp64) and are returned in ``out_dtype``. A vocabulary slice whose logits are all
+-inf (a masking bias) has ``lse_t = -inf`` and adds nothing to the merge. The public function is a
+PyTorch custom op (``torch.ops.vrpo_fast.linear_stats_fwd`` / ``_bwd``), so ``torch.compile`` traces it.
+
 Default tiles (``chunk_tokens = chunk_vocab = None``) fill a budget of 512 MiB on CUDA, 64 MiB on
 CPU: the whole problem if it fits; for bf16 / fp16 all tokens x a vocabulary slice (so ``dW`` needs no
 fp32 staging); otherwise full-vocabulary rows x a token chunk. Example (H=4096, V=131072, N=8192,
