@@ -782,13 +782,17 @@ def test_keyed_sample_non_finite_logits():
     V = pick(151936, 3000)
     logits = randn(4, V, seed=161, scale=2.0)
     logits[0, : V - 5] = -float("inf")  # only the last 5 are possible
-    logits[1] = -float("inf")  # nothing possible: token 0, as torch.argmax
+    logits[1] = -float("inf")
+    logits[1, V - 1] = -1e30  # one possible token left
     logits[2, [17, V - 2]] = float("inf")  # +inf wins; the lowest index among several
     keys = torch.arange(4, device=DEV)
     for position in range(3):
         got = keyed_sample(logits, keys, seed=5, position=position, temperature=1.3, backend=BACKEND).cpu()
-        assert got[0] >= V - 5 and got[1] == 0 and got[2] == 17
+        assert got[0] >= V - 5 and got[1] == V - 1 and got[2] == 17
         assert_same_picks(got, reference_scores(logits, keys, 5, position, 1.3), "non-finite logits")
+    logits[1, V - 1] = -float("inf")  # nothing possible: a ValueError naming the row, not token 0
+    with pytest.raises(ValueError, match="row 1 is all -inf"):
+        keyed_sample(logits, keys, seed=5, position=0, temperature=1.3, backend=BACKEND)
 
 
 def test_generate_on_device_is_deterministic_and_batch_invariant(tiny):
@@ -813,3 +817,52 @@ def test_generate_on_device_is_deterministic_and_batch_invariant(tiny):
     assert first.completions + second.completions[::-1] == whole.completions
     on_cpu = generate(model, tok, prompts, row_keys=keys, **kw)
     assert on_cpu.completions == whole.completions, "keyed sampling drew different tokens on the CPU"
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_ops_compile_fullgraph_on_device(compiler):
+    """The custom ops under torch.compile(fullgraph=True) on the device: one graph, the Triton kernels
+    inside, values and gradients equal to eager, bad labels still raise."""
+    import torch._dynamo
+
+    keyed_sample, _ = _keyed_sample_ops()
+    torch._dynamo.reset()
+    g = cpu_gen(171)
+    B, T, H, V = 2, pick(64, 5), pick(256, 16), pick(32000, 300)
+    logits = randn(B, T + 1, V, seed=172, scale=2.0, dtype=torch.bfloat16).requires_grad_()
+    hidden = randn(B, T, H, seed=173).requires_grad_()
+    weight = randn(V, H, seed=174, scale=H ** -0.5).requires_grad_()
+    mu, logvar = randn(B, T, 16, seed=175).requires_grad_(), randn(B, T, 16, seed=176).requires_grad_()
+    labels = torch.randint(0, V, (B, T), generator=g).to(DEV)
+    labels[0, :2] = -100
+    mask = torch.ones(B, T, device=DEV)
+    keys = torch.arange(B, device=DEV)
+
+    def step(x, h, w, m, lv, y, seed):
+        lp, ent = token_logprobs_entropy(x[:, :-1], y, temperature=0.8, backend=BACKEND)
+        lp2, ent2 = linear_logprobs_entropy(h, w, y, temperature=0.8, backend=BACKEND)
+        z, kl = vib_sample_kl(m, lv, seed=seed, backend=BACKEND)
+        adv, ret = gae(lp.detach(), ent.detach(), mask, gamma=1.0, lam=0.95, whiten=True, backend=BACKEND)
+        tokens = keyed_sample(x.detach()[:, -1], keys, seed=seed, position=3, backend=BACKEND)
+        loss = lp.sum() + 0.1 * ent.sum() + lp2.sum() + 0.1 * ent2.sum() + (z * z).sum() + kl.sum()
+        return loss, adv, ret, tokens
+
+    inputs = [logits, hidden, weight, mu, logvar]
+    try:
+        compiled = torch.compile(step, fullgraph=True, backend=compiler)
+        for seed in (1, 2):
+            got = compiled(*inputs, labels, seed)
+            want = step(*inputs, labels, seed)
+            got_grads = torch.autograd.grad(got[0], inputs)
+            want_grads = torch.autograd.grad(want[0], inputs)
+            torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-3)
+            torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+            assert torch.equal(got[3], want[3])
+            for a, b in zip(got_grads, want_grads):
+                torch.testing.assert_close(a.float(), b.float(), rtol=1e-3, atol=1e-4)
+        bad = labels.clone()
+        bad[1, 0] = V
+        with pytest.raises(ValueError, match="labels"):
+            compiled(*inputs, bad, 1)
+    finally:
+        torch._dynamo.reset()
