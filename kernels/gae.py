@@ -19,8 +19,9 @@ formula), and :func:`_gae_whiten_kernel` merges the rows in a fixed order (deter
 and rescales the advantages in place.
 
 Arithmetic is fp32 (fp64 for fp64 inputs); fp16 / bf16 outputs are rounded once (with whitening, the
-raw advantages go through an fp32 buffer that the whitening kernel reads); ``gamma`` and ``gamma * lam`` arrive as fp32 hi/lo pairs so
-the fp64 path keeps ~48 bits of them (Triton passes Python floats to kernels as fp32).
+raw advantages go through an fp32 buffer that the whitening kernel reads). ``gamma`` and
+``gamma * lam`` arrive as fp32 hi/lo pairs so the fp64 path keeps ~48 bits of them (Triton passes
+Python floats to kernels as fp32).
 """
 from __future__ import annotations
 
