@@ -14,6 +14,7 @@ import torch
 from conftest import requires_triton
 
 from vrpo_fast.ops import gae, gae_reference
+from vrpo_fast.ops._common import triton_available, triton_interpret
 
 # The module (vrpo_fast.ops.gae the attribute is the function it exports).
 gae_mod = importlib.import_module("vrpo_fast.ops.gae")
@@ -450,3 +451,26 @@ def test_triton_half_precision_whitening_rounds_once(dtype):
     for name, out in (("triton", got), ("cpu", cpu)):
         err = (out.double() - want).abs()
         assert bool((err <= rel * want.abs() * 1.01 + 1e-6)[mask].all()), name
+
+
+@pytest.mark.parametrize("whiten", [False, True])
+def test_validate_false_propagates_nan_the_same_on_every_backend(monkeypatch, whiten):
+    """validate=False: a NaN reward poisons its row's advantages up to the row start (and, whitened,
+    every unmasked token); a NaN at a masked position never leaks. Same on C++, fallback, Triton."""
+    gen = torch.Generator().manual_seed(31)
+    rewards, values = torch.randn(3, 6, generator=gen), torch.randn(3, 6, generator=gen)
+    mask = torch.ones(3, 6)
+    mask[2, 4:] = 0
+    rewards[1, 3] = math.nan
+    rewards[2, 5] = math.nan  # masked: transparent
+    patterns = []
+    paths = [("torch", False), ("torch", True)]  # the C++ extension (when built), the torch fallback
+    if triton_available() and triton_interpret():
+        paths.append(("triton", False))
+    for backend, fallback in paths:
+        monkeypatch.setattr(gae_mod, "_FORCE_TORCH_FALLBACK", fallback)
+        adv, ret = gae(rewards, values, mask, gamma=0.9, lam=0.9, whiten=whiten, validate=False, backend=backend)
+        patterns.append((adv.isnan().tolist(), ret.isnan().tolist()))
+    want_ret = [[False] * 6, [True] * 4 + [False] * 2, [False] * 6]
+    want_adv = [[True] * 6, [True] * 6, [True] * 4 + [False] * 2] if whiten else want_ret
+    assert all(p == (want_adv, want_ret) for p in patterns), patterns
