@@ -1,0 +1,110 @@
+"""Whether bf16 autocast pays on this CPU: detected and measured once per process.
+
+A CPU with native bf16 matmul (AVX-512 BF16, AMX-BF16: recent Xeons, Zen 4 / Zen 5) multiplies bf16
+several times faster than fp32 through oneDNN; one without it emulates bf16 through fp32 and is
+*slower* in bf16. :func:`choose_cpu_mixed_precision` reads the CPU's feature flags (Linux
+``/proc/cpuinfo``), then times an fp32 and a bf16 GEMM of a language-model-like shape
+(``[512, 1024] @ [1024, 1024]``, a few tens of ms) on one thread and picks ``"bf16"`` only when the
+flags name a native bf16 unit *and* the measured bf16 rate is at least ``min_speedup`` times the fp32
+rate. One thread, because the ratio is a property of a core, and on a loaded machine a multi-threaded
+GEMM waits at every barrier for a descheduled thread (measured on a shared 2-core Xeon: 2 threads
+gave 1.3x with both rates collapsed, 1 thread 11.8x). The answer is cached per process.
+
+This decides the autocast dtype only: master weights, optimiser states and the fused token
+statistics stay fp32 (see :func:`vrpo_fast.ops.linear_logprobs_entropy` under autocast).
+"""
+from __future__ import annotations
+
+import functools
+import time
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+class PrecisionChoice(NamedTuple):
+    """``mixed_precision`` is what ``--mixed-precision`` / ``accelerate`` take: ``"bf16"`` or ``"no"``."""
+
+    mixed_precision: str
+    reason: str
+    fp32_gflops: Optional[float] = None
+    bf16_gflops: Optional[float] = None
+
+
+def cpu_bf16_flags(cpuinfo_path: str = "/proc/cpuinfo") -> Optional[Tuple[str, ...]]:
+    """The native-bf16 feature flags this CPU reports (a subset of :data:`NATIVE_BF16_FLAGS`), or None
+    when the flags cannot be read (not Linux)."""
+    try:
+        with open(cpuinfo_path) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return tuple(name for name in NATIVE_BF16_FLAGS if name in flags)
+    except OSError:
+        return None
+    return None
+
+
+def measure_cpu_gemm_gflops(dtype: torch.dtype, m: int = 512, k: int = 1024, n: int = 1024, reps: int = 3) -> float:
+    """Best-of-``reps`` rate of ``[m, k] @ [k, n]`` in ``dtype`` on the CPU, GFLOP/s (2 m k n flops).
+
+    The best, not the median: on a shared machine other work only ever slows a repeat down.
+    """
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+    for name, v in (("m", m), ("k", k), ("n", n), ("reps", reps)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(m, k, generator=g).to(dtype)
+    b = torch.randn(k, n, generator=g).to(dtype)
+    out = torch.empty(m, n, dtype=dtype)
+    torch.mm(a, b, out=out)  # warm-up: oneDNN picks (and caches) its kernel
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * m * k * n / best / 1e9
+
+
+def choose_cpu_mixed_precision(min_speedup: float = 2.0) -> PrecisionChoice:
+    """``"bf16"`` when this CPU multiplies bf16 natively and at least ``min_speedup`` x faster than fp32
+    (measured here, one thread), else ``"no"``; with the reason. Cached per process."""
+    if isinstance(min_speedup, bool) or not isinstance(min_speedup, (int, float)) or not min_speedup > 0:
+        raise ValueError(f"min_speedup must be a number > 0, got {min_speedup!r}")
+    fp32, bf16, flags = _measure_once()
+    if flags == ():
+        return PrecisionChoice("no", "the CPU reports no native bf16 matmul (no amx_bf16 / avx512_bf16 flag): "
+                                     "bf16 would be emulated, slower than fp32")
+    ratio = bf16 / fp32
+    where = "+".join(flags) if flags else "CPU flags unknown"
+    measured = f"bf16 GEMM {bf16:.0f} GFLOP/s vs fp32 {fp32:.0f} GFLOP/s on one core ({ratio:.1f}x, {where})"
+    if ratio >= min_speedup:
+        return PrecisionChoice("bf16", f"{measured} >= {min_speedup:g}x: bf16 autocast", fp32, bf16)
+    return PrecisionChoice("no", f"{measured} < {min_speedup:g}x: fp32", fp32, bf16)
+
+
+@functools.lru_cache(maxsize=None)
+def _measure_once():
+    """(fp32 GFLOP/s, bf16 GFLOP/s, flags); the GEMMs are skipped when the flags rule bf16 out."""
+    flags = cpu_bf16_flags()
+    if flags == ():
+        return 0.0, 0.0, flags
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        # interleaved, so that a burst of load from other processes hits both alike
+        fp32, bf16 = 0.0, 0.0
+        for _ in range(2):
+            fp32 = max(fp32, measure_cpu_gemm_gflops(torch.float32))
+            bf16 = max(bf16, measure_cpu_gemm_gflops(torch.bfloat16))
+    finally:
+        torch.set_num_threads(threads)
+    return fp32, bf16, flags
+
+
+__all__ = ["NATIVE_BF16_FLAGS", "PrecisionChoice", "cpu_bf16_flags", "measure_cpu_gemm_gflops",
+           "choose_cpu_mixed_precision"]
