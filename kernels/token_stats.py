@@ -69,10 +69,14 @@ def _token_stats_fwd_kernel(
     lse = m + log_s
     label = tl.load(labels_ptr + row)
     valid = label != ignore_index
-    safe_label = tl.where(valid, label, 0).to(tl.int64)
+    # Labels are range-checked before the launch, except inside CUDA-graph capture (no host sync):
+    # there an out-of-range label reads nothing and gives a NaN log-prob (its gradient has no one-hot).
+    in_vocab = (label >= 0) & (label < V)
+    safe_label = tl.where(valid & in_vocab, label, 0).to(tl.int64)
     x_label = tl.load(row_ptr + safe_label).to(tl.float32) * inv_temperature
     # (x_label - m) - log s: exact when the label holds the max, unlike x_label - rounded(lse).
-    tl.store(logprobs_ptr + row, tl.where(valid, (x_label - m) - log_s, 0.0))
+    logprob = tl.where(in_vocab, (x_label - m) - log_s, float("nan"))
+    tl.store(logprobs_ptr + row, tl.where(valid, logprob, 0.0))
     tl.store(lse_ptr + row, lse)
     if COMPUTE_ENTROPY:
         tl.store(entropy_ptr + row, tl.where(valid, log_s - w / s, 0.0))

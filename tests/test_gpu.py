@@ -866,3 +866,36 @@ def test_ops_compile_fullgraph_on_device(compiler):
             compiled(*inputs, bad, 1)
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.skipif(ON_CPU, reason="CUDA graphs need a GPU")
+def test_ops_capture_in_a_cuda_graph():
+    """torch.compile(mode="reduce-overhead") captures CUDA graphs: inside a capture the ops skip their
+    host-side data checks (no sync possible) and replay gives the eager results."""
+    keyed_sample, _ = _keyed_sample_ops()
+    logits = randn(4, 7, 1000, seed=181, scale=2.0, dtype=torch.bfloat16)
+    labels = torch.randint(0, 1000, (4, 7), generator=cpu_gen(182)).to(DEV)
+    mask = torch.ones(4, 7, device=DEV)
+    keys = torch.arange(4, device=DEV)
+    mu = randn(4, 7, 16, seed=184)
+
+    def step():
+        lp, ent = token_logprobs_entropy(logits, labels)
+        adv, _ = gae(lp, ent, mask, gamma=1.0, lam=0.95, whiten=True)
+        z, kl = vib_sample_kl(mu, mu * 0.5, seed=3)
+        tokens = keyed_sample(logits[:, -1], keys, seed=1, position=2)
+        return lp, ent, adv, z, kl, tokens
+
+    want = step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream (kernels compiled, caches filled)
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)

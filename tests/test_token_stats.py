@@ -423,3 +423,17 @@ def test_nan_logits_propagate_the_same_on_every_backend():
     if "triton" in results:
         for a, b in zip(results["torch"], results["triton"]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+@requires_triton
+def test_triton_kernel_is_memory_safe_for_unchecked_labels():
+    """Inside CUDA-graph capture the host-side label check is skipped; the kernel then reads nothing
+    out of bounds and gives NaN for the bad row only (no one-hot in its gradient)."""
+    logits = torch.randn(3, 40).requires_grad_()
+    labels = torch.tensor([3, 40, -7])
+    lp, ent = token_logprobs_entropy(logits, labels, backend="triton", _check_label_range=False)
+    assert lp.isnan().tolist() == [False, True, True] and torch.isfinite(ent).all()
+    ref_lp, _ = token_logprobs_entropy_reference(logits.detach().double(), labels.clamp(0, 39))
+    torch.testing.assert_close(lp[0].double(), ref_lp[0], rtol=1e-5, atol=1e-5)
+    (grad,) = torch.autograd.grad(ent.sum(), logits)
+    assert torch.isfinite(grad).all()

@@ -78,6 +78,13 @@ def is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def data_checks_possible(t: torch.Tensor) -> bool:
+    """False while a CUDA graph is being captured (e.g. ``torch.compile(mode="reduce-overhead")``): a
+    check that reads data back to the host would break the capture, so the ops skip it there and
+    their kernels stay memory-safe on bad input instead (see each op)."""
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def check_backend(backend) -> str:
     """``backend`` must be one of :data:`BACKENDS` (the device is resolved inside the custom op)."""
     if backend not in BACKENDS:

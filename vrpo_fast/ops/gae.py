@@ -37,7 +37,7 @@ from typing import Tuple
 
 import torch
 
-from ._common import FLOAT_DTYPES, check_backend, check_same_shape, check_tensor, resolve_backend
+from ._common import FLOAT_DTYPES, check_backend, check_same_shape, check_tensor, data_checks_possible, resolve_backend
 
 _WHITEN_EPS = 1e-8
 # Mask dtypes the C++ pass reads in place (codes shared with csrc/gae.cpp); others are converted.
@@ -202,6 +202,8 @@ def _check_unit_interval(name: str, x) -> float:
 
 def _validate_with_torch(rewards, values, mask) -> None:
     """All three checks with a single device->host transfer (one sync on CUDA)."""
+    if not data_checks_possible(rewards):
+        return  # inside CUDA-graph capture: no host read possible (non-finite inputs propagate)
     checks = [~torch.isfinite(rewards).all(), ~torch.isfinite(values).all()]
     if mask.dtype != torch.bool:
         checks.append(((mask != 0) & (mask != 1)).any())

@@ -54,8 +54,8 @@ from typing import Optional
 
 import torch
 
-from ._common import (FLOAT_DTYPES, check_backend, check_leading_shape, check_tensor, check_uint63, is_compiling,
-                      resolve_backend)
+from ._common import (FLOAT_DTYPES, check_backend, check_leading_shape, check_tensor, check_uint63,
+                      data_checks_possible, is_compiling, resolve_backend)
 from ._random import keyed_gumbel
 
 __all__ = ["keyed_sample", "keyed_sample_reference"]
@@ -110,8 +110,8 @@ def _validate(logits, keys, seed, position, temperature):
 def _check_rows_not_all_minus_inf(logits: torch.Tensor, tokens: torch.Tensor) -> None:
     """A drawn token whose logit is -inf means the whole row is -inf: every finite logit (plus its
     finite Gumbel) and every NaN / +inf beats -inf. One gather of B values and one host read."""
-    if tokens.numel() == 0:
-        return
+    if tokens.numel() == 0 or not data_checks_possible(tokens):
+        return  # inside CUDA-graph capture: an all -inf row gives token 0 there
     drawn = logits.gather(1, tokens.unsqueeze(1)).squeeze(1)
     bad = drawn == -math.inf
     if bool(bad.any()):
@@ -126,7 +126,7 @@ def _keyed_sample_op(logits: torch.Tensor, keys: torch.Tensor, seed: torch.Tenso
     if seed < 0 or position < 0:
         raise ValueError(f"seed and position must be in [0, 2**63), got seed={seed}, position={position}")
     path = resolve_backend(backend, logits, keys)
-    if check_nan and bool(torch.isnan(logits).any()):
+    if check_nan and data_checks_possible(logits) and bool(torch.isnan(logits).any()):
         raise ValueError("logits contains NaN (check_nan=True)")
     if path == "triton":
         from vrpo_fast.kernels.sampling import keyed_sample_fwd

@@ -26,7 +26,7 @@ import torch
 
 from . import _cpu_ext
 from ._common import (FLOAT_DTYPES, accumulation_dtype, check_backend, check_leading_shape, check_tensor,
-                      is_compiling, resolve_backend, resolve_out_dtype)
+                      data_checks_possible, is_compiling, resolve_backend, resolve_out_dtype)
 
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -312,8 +312,9 @@ def _backward_nd(logits, labels, lse, entropy, grad_logprobs, grad_entropy, temp
 # below runs inside the op, never as a Python branch in a traced graph.
 # ----------------------------------------------------------------------------------------------
 def _check_label_range(labels: torch.Tensor, V: int, ignore_index: int) -> None:
-    """``labels`` (int64) in [0, V) or ``ignore_index``: one reduction (a device sync on CUDA)."""
-    if labels.numel() == 0:
+    """``labels`` (int64) in [0, V) or ``ignore_index``: one reduction (a device sync on CUDA). Skipped
+    inside CUDA-graph capture, where the kernels give NaN for an out-of-range label instead."""
+    if labels.numel() == 0 or not data_checks_possible(labels):
         return
     bad = ((labels < 0) | (labels >= V)) & (labels != ignore_index)
     if bool(bad.any()):

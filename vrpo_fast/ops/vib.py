@@ -40,7 +40,7 @@ from typing import Optional, Tuple
 import torch
 
 from ._common import (FLOAT_DTYPES, check_backend, check_leading_shape, check_same_shape, check_tensor, check_uint63,
-                      is_compiling, resolve_backend)
+                      data_checks_possible, is_compiling, resolve_backend)
 from . import _cpu_ext
 from ._random import keyed_normal
 
@@ -300,8 +300,9 @@ def _backward_cpp(ext, mu, logvar, grad_z, grad_kl, seed, clamp, row_ids):
 # ----------------------------------------------------------------------------------------------
 def _check_row_id_range(row_ids: torch.Tensor, n_cols: int) -> None:
     """Ids in ``[0, (2**63 - L) // L]`` so that the Philox offset ``id * L + j`` fits in int64 (one
-    min/max reduction; a host sync on CUDA)."""
-    if row_ids.numel() == 0:
+    min/max reduction; a host sync on CUDA; skipped inside CUDA-graph capture, where an id out of range
+    only changes which Philox numbers the row draws)."""
+    if row_ids.numel() == 0 or not data_checks_possible(row_ids):
         return
     max_id = (2**63 - n_cols) // n_cols
     lo, hi = (int(v) for v in torch.aminmax(row_ids))
