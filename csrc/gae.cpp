@@ -194,9 +194,11 @@ inline __m128i nonfinite_lanes(__m128 x) {
     return _mm_cmpeq_epi32(_mm_and_si128(_mm_castps_si128(x), exp_mask), exp_mask);
 }
 
-// Rows b0 .. b0+3 of a FLAT float32 problem (T >= 1).
-template <typename M, bool VALIDATE>
-void gae_rows4_sse(const Problem& p, int64_t b0, Flags& flags) {
+// Rows b0 .. b0+3 of a FLAT float32 problem (T >= 1). STATS: also each row's (count, mean, M2) for
+// the whitening, accumulated in float64 inside the same loop (the recursion is latency-bound, so
+// the extra adds ride along nearly free); written to stats[0..3].
+template <typename M, bool VALIDATE, bool STATS>
+VRPO_MULTIVERSION void gae_rows4_sse(const Problem& p, int64_t b0, Flags& flags, RowStats* stats) {
     const int64_t T = p.T;
     const float* r = static_cast<const float*>(p.rewards) + b0 * T;
     const float* v = static_cast<const float*>(p.values) + b0 * T;
@@ -210,6 +212,8 @@ void gae_rows4_sse(const Problem& p, int64_t b0, Flags& flags) {
     alignas(16) float nv_s[4] = {0.f, 0.f, 0.f, 0.f}, run_s[4] = {0.f, 0.f, 0.f, 0.f};
     const int64_t tiled = T & ~int64_t(3);
     bool bad_r = false, bad_v = false, bad_m = false;
+    double tail_s1[4] = {0.0, 0.0, 0.0, 0.0}, tail_s2[4] = {0.0, 0.0, 0.0, 0.0};
+    int64_t on_count[4] = {0, 0, 0, 0};
     for (int64_t t = T - 1; t >= tiled; --t) {
         for (int i = 0; i < 4; ++i) {
             const int64_t o = i * T + t;
@@ -225,11 +229,38 @@ void gae_rows4_sse(const Problem& p, int64_t b0, Flags& flags) {
                 nv_s[i] = vt;
                 a = run_s[i];
                 rv = run_s[i] + vt;
+                if (STATS) {
+                    tail_s1[i] += static_cast<double>(a);
+                    tail_s2[i] += static_cast<double>(a) * static_cast<double>(a);
+                    on_count[i] += 1;
+                }
             }
             adv[o] = a;
             ret[o] = rv;
         }
     }
+    // With whitening, the advantages are read once more; non-temporal stores for the returns (16-byte
+    // aligned rows only) leave the cache to them.
+    const bool stream_ret = STATS && (T % 4 == 0) && (reinterpret_cast<uintptr_t>(ret) % 16 == 0);
+    // Statistics: float lanes over at most kFlush tiles (64 values per lane: rounding error ~1e-6 of
+    // the block sum), then added into float64 accumulators.
+    constexpr int kFlush = 16;
+    __m128 f1[4], f2[4];
+    __m128d s1[4], s2[4];
+    for (int i = 0; i < 4; ++i) {
+        f1[i] = f2[i] = _mm_setzero_ps();
+        s1[i] = s2[i] = _mm_setzero_pd();
+    }
+    int pending = 0;
+    __m128i masked = _mm_setzero_si128();
+    const auto flush = [&]() {
+        for (int i = 0; i < 4; ++i) {
+            s1[i] = _mm_add_pd(s1[i], _mm_add_pd(_mm_cvtps_pd(f1[i]), _mm_cvtps_pd(_mm_movehl_ps(f1[i], f1[i]))));
+            s2[i] = _mm_add_pd(s2[i], _mm_add_pd(_mm_cvtps_pd(f2[i]), _mm_cvtps_pd(_mm_movehl_ps(f2[i], f2[i]))));
+            f1[i] = f2[i] = _mm_setzero_ps();
+        }
+        pending = 0;
+    };
 
     const __m128 gamma = _mm_set1_ps(gamma_s), gl = _mm_set1_ps(gl_s);
     __m128 next_v = _mm_load_ps(nv_s), run = _mm_load_ps(run_s);
@@ -267,14 +298,49 @@ void gae_rows4_sse(const Problem& p, int64_t b0, Flags& flags) {
         sse_step(r0, v0, off0, gamma, gl, next_v, run, a0, x0);
         _MM_TRANSPOSE4_PS(a0, a1, a2, a3);
         _MM_TRANSPOSE4_PS(x0, x1, x2, x3);
+        if (STATS) {
+            const __m128 rows[4] = {a0, a1, a2, a3};
+            for (int i = 0; i < 4; ++i) {
+                f1[i] = _mm_add_ps(f1[i], rows[i]);
+                f2[i] = _mm_add_ps(f2[i], _mm_mul_ps(rows[i], rows[i]));
+            }
+            // Masked steps per row (lane = row): each all-ones "off" lane subtracts -1.
+            masked = _mm_sub_epi32(_mm_sub_epi32(masked, _mm_castps_si128(off0)), _mm_castps_si128(off1));
+            masked = _mm_sub_epi32(_mm_sub_epi32(masked, _mm_castps_si128(off2)), _mm_castps_si128(off3));
+            if (++pending == kFlush) flush();
+        }
         _mm_storeu_ps(adv + t0, a0);
         _mm_storeu_ps(adv + T + t0, a1);
         _mm_storeu_ps(adv + 2 * T + t0, a2);
         _mm_storeu_ps(adv + 3 * T + t0, a3);
-        _mm_storeu_ps(ret + t0, x0);
-        _mm_storeu_ps(ret + T + t0, x1);
-        _mm_storeu_ps(ret + 2 * T + t0, x2);
-        _mm_storeu_ps(ret + 3 * T + t0, x3);
+        if (STATS && stream_ret) {  // returns are not read again: keep the cache for the advantages
+            _mm_stream_ps(ret + t0, x0);
+            _mm_stream_ps(ret + T + t0, x1);
+            _mm_stream_ps(ret + 2 * T + t0, x2);
+            _mm_stream_ps(ret + 3 * T + t0, x3);
+        } else {
+            _mm_storeu_ps(ret + t0, x0);
+            _mm_storeu_ps(ret + T + t0, x1);
+            _mm_storeu_ps(ret + 2 * T + t0, x2);
+            _mm_storeu_ps(ret + 3 * T + t0, x3);
+        }
+    }
+    if (STATS && stream_ret) _mm_sfence();
+    if (STATS) flush();
+    if (STATS) {
+        alignas(16) int32_t masked_steps[4];
+        _mm_store_si128(reinterpret_cast<__m128i*>(masked_steps), masked);
+        for (int i = 0; i < 4; ++i) on_count[i] += tiled - masked_steps[i];
+        for (int i = 0; i < 4; ++i) {
+            alignas(16) double a1[2], a2[2];
+            _mm_store_pd(a1, s1[i]);
+            _mm_store_pd(a2, s2[i]);
+            const double sum = (a1[0] + a1[1]) + tail_s1[i], sq = (a2[0] + a2[1]) + tail_s2[i];
+            RowStats& st = stats[i];
+            st.count = static_cast<double>(on_count[i]);
+            st.mean = st.count > 0.0 ? sum / st.count : 0.0;
+            st.m2 = std::max(0.0, sq - sum * st.mean);
+        }
     }
     if (VALIDATE) {
         flags.bad_rewards |= bad_r || _mm_movemask_epi8(bad_rv) != 0;
@@ -319,6 +385,98 @@ RowStats row_stats(const Problem& p, int64_t b) {
     return s;
 }
 
+// Contiguous rows with a one-byte mask (bool / uint8, the usual case): statistics and whitening on
+// 16-lane vectors (multiversioned: AVX-512 / AVX2 / baseline; common.h), one sweep each, float64
+// arithmetic. The per-row moments come from the sum and the sum of squares in float64 (then merged
+// across rows as above): for float32 / float64 advantages of one row that loses nothing that
+// matters at the output precision.
+using vrpo::vf32;
+using vrpo::vi32;
+using vrpo::vload;
+using vrpo::vstore;
+typedef double vf64x16 __attribute__((vector_size(128)));
+typedef int64_t vi64x16 __attribute__((vector_size(128)));
+typedef uint8_t vu8x16 __attribute__((vector_size(16)));
+
+template <typename V>
+inline vf64x16 load16_f64(const V* x) {
+    if constexpr (std::is_same<V, float>::value) {
+        return __builtin_convertvector(vload(x), vf64x16);
+    } else {
+        vf64x16 d;
+        std::memcpy(&d, x, sizeof d);
+        return d;
+    }
+}
+
+inline vi32 load16_mask_on(const uint8_t* m) {  // -1 where the mask is on, 0 elsewhere
+    vu8x16 b;
+    std::memcpy(&b, m, sizeof b);
+    return __builtin_convertvector(b, vi32) != 0;
+}
+
+template <typename V>
+VRPO_MULTIVERSION RowStats row_stats_flat_u8(const V* adv, const uint8_t* m, int64_t T) {
+    vf64x16 s1 = {}, s2 = {};
+    vi32 cnt = {};
+    const int64_t T16 = T & ~int64_t(15);
+    for (int64_t t = 0; t < T16; t += 16) {
+        const vf64x16 a = load16_f64(adv + t);  // masked entries are exactly 0
+        s1 += a;
+        s2 += a * a;
+        cnt -= load16_mask_on(m + t);
+    }
+    double sum = 0.0, sq = 0.0, count = 0.0;
+    for (int k = 0; k < 16; ++k) {
+        sum += s1[k];
+        sq += s2[k];
+        count += static_cast<double>(cnt[k]);
+    }
+    for (int64_t t = T16; t < T; ++t) {
+        const double a = static_cast<double>(adv[t]);
+        sum += a;
+        sq += a * a;
+        count += m[t] != 0 ? 1.0 : 0.0;
+    }
+    RowStats r;
+    r.count = count;
+    r.mean = count > 0.0 ? sum / count : 0.0;
+    r.m2 = std::max(0.0, sq - sum * r.mean);
+    return r;
+}
+
+template <typename V>
+VRPO_MULTIVERSION void whiten_flat_u8(V* adv, const uint8_t* m, int64_t T, double mean, double inv_std,
+                                      double add_back) {
+    int64_t t = 0;
+#ifdef VRPO_GAE_SSE2
+    if (std::is_same<V, float>::value) {
+        float* a = reinterpret_cast<float*>(adv);
+        const __m128d mu = _mm_set1_pd(mean), s = _mm_set1_pd(inv_std), add = _mm_set1_pd(add_back);
+        const __m128i zero = _mm_setzero_si128();
+        for (; t + 16 <= T; t += 16) {
+            // 16 mask bytes -> four 4-lane "on" masks (0xff bytes widened by unpacking with themselves).
+            const __m128i on8 = _mm_xor_si128(_mm_cmpeq_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m + t)), zero),
+                                              _mm_set1_epi8(-1));
+            const __m128i on16lo = _mm_unpacklo_epi8(on8, on8), on16hi = _mm_unpackhi_epi8(on8, on8);
+            const __m128i on32[4] = {_mm_unpacklo_epi16(on16lo, on16lo), _mm_unpackhi_epi16(on16lo, on16lo),
+                                     _mm_unpacklo_epi16(on16hi, on16hi), _mm_unpackhi_epi16(on16hi, on16hi)};
+            for (int k = 0; k < 4; ++k) {
+                const __m128 x = _mm_loadu_ps(a + t + 4 * k);
+                const __m128d lo = _mm_add_pd(_mm_mul_pd(_mm_sub_pd(_mm_cvtps_pd(x), mu), s), add);
+                const __m128d hi = _mm_add_pd(_mm_mul_pd(_mm_sub_pd(_mm_cvtps_pd(_mm_movehl_ps(x, x)), mu), s), add);
+                const __m128 w = _mm_movelh_ps(_mm_cvtpd_ps(lo), _mm_cvtpd_ps(hi));
+                _mm_storeu_ps(a + t + 4 * k, _mm_and_ps(w, _mm_castsi128_ps(on32[k])));
+            }
+        }
+    }
+#endif
+    for (; t < T; ++t) {
+        const double w = (static_cast<double>(adv[t]) - mean) * inv_std + add_back;
+        adv[t] = m[t] != 0 ? static_cast<V>(w) : V(0);
+    }
+}
+
 // Rows [lo, hi): validation, recursion (groups of kInterleave rows when FLAT), statistics.
 constexpr int kInterleave = 4;
 
@@ -329,11 +487,16 @@ void gae_row_range(const Problem& p, int64_t lo, int64_t hi, RowStats* stats, Fl
         const int64_t n = p.flat ? std::min<int64_t>(kInterleave, hi - b) : 1;
 #ifdef VRPO_GAE_SSE2
         if (std::is_same<V, float>::value && n == 4) {
-            if (p.validate)
-                gae_rows4_sse<M, true>(p, b, flags);
-            else
-                gae_rows4_sse<M, false>(p, b, flags);
-        } else
+            if (stats != nullptr) {
+                if (p.validate) gae_rows4_sse<M, true, true>(p, b, flags, stats + b);
+                else gae_rows4_sse<M, false, true>(p, b, flags, stats + b);
+            } else {
+                if (p.validate) gae_rows4_sse<M, true, false>(p, b, flags, nullptr);
+                else gae_rows4_sse<M, false, false>(p, b, flags, nullptr);
+            }
+            b += n;
+            continue;
+        }
 #endif
         {
             if (p.validate)
@@ -346,7 +509,13 @@ void gae_row_range(const Problem& p, int64_t lo, int64_t hi, RowStats* stats, Fl
                 gae_rows<V, M, 1, false>(p, b);
         }
         if (stats != nullptr)
-            for (int64_t i = 0; i < n; ++i) stats[b + i] = row_stats<V, M>(p, b + i);
+            for (int64_t i = 0; i < n; ++i) {
+                if (std::is_same<M, uint8_t>::value && p.ms1 == 1)
+                    stats[b + i] = row_stats_flat_u8<V>(static_cast<const V*>(p.advantages) + (b + i) * p.T,
+                                                        reinterpret_cast<const uint8_t*>(p.mask) + (b + i) * p.ms0, p.T);
+                else
+                    stats[b + i] = row_stats<V, M>(p, b + i);
+            }
         b += n;
     }
 }
@@ -420,7 +589,14 @@ Flags run_gae(const Problem& p, int n_threads, bool shift_mean) {
     const double inv_std = 1.0 / std::sqrt(var + 1e-8);
     const double add_back = shift_mean ? 0.0 : mean;
     parallel_rows(p.B, n_threads, [&](int64_t lo, int64_t hi, int) {
-        for (int64_t b = lo; b < hi; ++b) whiten_row<V, M>(p, b, mean, inv_std, add_back);
+        // Last-written rows first: they are the ones still in this core's cache from the first pass.
+        for (int64_t b = hi - 1; b >= lo; --b) {
+            if (std::is_same<M, uint8_t>::value && p.ms1 == 1)
+                whiten_flat_u8<V>(static_cast<V*>(p.advantages) + b * p.T,
+                                  reinterpret_cast<const uint8_t*>(p.mask) + b * p.ms0, p.T, mean, inv_std, add_back);
+            else
+                whiten_row<V, M>(p, b, mean, inv_std, add_back);
+        }
     });
     return all;
 }
