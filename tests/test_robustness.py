@@ -1,144 +1,151 @@
-"""The robustness experiment runner: plan, resume, failures, reports; and a real smoke run (slow)."""
+"""The robustness study: the statistics against hand computations, the paired plan, resume, reports,
+and a real smoke run (slow)."""
 import csv
 import math
 import os
 
 import pytest
 
+from vrpo_fast.experiments import analysis as st
 from vrpo_fast.experiments import robustness as rb
 
 
-def _fake_run(calls):
-    """A stand-in for run_training: reward falls with noise, VRPO falls least."""
-    drop = {"vrpo": 0.2, "ppo": 0.5, "grpo": 0.8}
+# ----------------------------------------------------------------------------------------------
+# statistics, against values computed by hand (and tables of the t distribution)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("p, df, expected", [(0.975, 1, 12.7062), (0.975, 5, 2.5706), (0.975, 30, 2.0423),
+                                             (0.8, 5, 0.9195), (0.995, 10, 3.1693), (0.5, 7, 0.0)])
+def test_t_quantiles_match_the_tables(p, df, expected):
+    assert st.t_quantile(p, df) == pytest.approx(expected, abs=1e-4)
+    assert st.t_cdf(st.t_quantile(p, df), df) == pytest.approx(p, abs=1e-9)
+    assert st.t_quantile(1 - p, df) == pytest.approx(-expected, abs=1e-4)
 
+
+def test_mean_ci_by_hand():
+    values = [0.30, 0.34, 0.29, 0.35, 0.32, 0.31]
+    m = sum(values) / 6
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / 5)
+    ci = st.mean_ci(values)
+    assert ci["mean"] == pytest.approx(m) and ci["sd"] == pytest.approx(sd) and ci["n"] == 6
+    assert ci["half_width"] == pytest.approx(2.5706 * sd / math.sqrt(6), rel=1e-4)
+    one = st.mean_ci([0.4])
+    assert one["mean"] == 0.4 and math.isnan(one["lo"])
+    assert st.mean_ci([float("nan"), 0.2, 0.4])["n"] == 2  # NaN (failed) runs are left out
+
+
+def test_paired_difference_mde_and_contrast_on_a_made_up_table():
+    vrpo = {0: 0.40, 1: 0.35, 2: 0.38, 3: 0.42}
+    ppo = {0: 0.37, 1: 0.34, 2: 0.33, 3: 0.40, 9: 0.99}  # seed 9 has no partner: left out
+    d = st.paired_difference(vrpo, ppo)
+    diffs = [0.03, 0.01, 0.05, 0.02]
+    m = sum(diffs) / 4
+    sd = math.sqrt(sum((x - m) ** 2 for x in diffs) / 3)
+    assert d["n"] == 4 and d["mean"] == pytest.approx(m) and d["sd"] == pytest.approx(sd)
+    assert d["lo"] == pytest.approx(m - 3.1824 * sd / 2, abs=1e-5)
+    assert d["mde80"] == pytest.approx((3.1824 + 0.9785) * sd / 2, abs=1e-4)
+    t = m / (sd / 2)
+    assert d["p"] == pytest.approx(2 * (1 - st.t_cdf(t, 3)))
+    assert 0.01 < d["p"] < 0.05  # t = 3.29 on 3 df
+    clean_v, clean_p = {s: v - 0.01 for s, v in vrpo.items()}, dict(ppo)
+    c = st.contrast(vrpo, ppo, clean_v, clean_p)
+    assert c["mean"] == pytest.approx(0.01) and c["n"] == 4 and c["sd"] == pytest.approx(0.0, abs=1e-12)
+    assert st.eval_standard_error(0.5, 1000, 4) == pytest.approx(math.sqrt(0.25 / 4000))
+    assert st.eval_standard_error(0.5, 1000, 4, within_prompt_corr=1.0) == pytest.approx(math.sqrt(0.25 / 1000))
+
+
+def test_the_standard_design_is_powered_as_the_issue_asks():
+    text = rb.power_analysis(rb.STANDARD)
+    se = st.eval_standard_error(0.35, 1000, 4)
+    assert se < 0.01 and f"{se:.4f}" in text and "80% power" in text
+
+
+# ----------------------------------------------------------------------------------------------
+# the plan: paired, GRPO once per noise, every run its own directory
+# ----------------------------------------------------------------------------------------------
+def test_plan_of_the_standard_setting():
+    runs = rb.plan(["arith"], rb.STANDARD)
+    seeds, noises, lams = len(rb.STANDARD["seeds"]), len(rb.STANDARD["noises"]), len(rb.STANDARD["lams"])
+    critic_arms = len(rb.ARMS) - 1
+    assert len(runs) == seeds * noises * (lams * critic_arms + 1)
+    assert len({rb.run_dir_name(r) for r in runs}) == len(runs)
+    assert {r["arm"] for r in runs} == set(rb.ARMS) and len(rb.STANDARD["seeds"]) >= 6
+    cfg = rb.run_config({"task": "math", "noise": "flip", "lam": 0.8, "arm": "vrpo-no-vib", "seed": 3}, rb.STANDARD, "o")
+    assert cfg["beta"] == 0.0 and cfg["lam"] == 0.8 and cfg["noise_rate"] == 0.3 and cfg["task_kwargs"]["difficulty"] == 3
+    from vrpo_fast.config import TrainConfig
+
+    resolved = TrainConfig.from_flat(**cfg).resolved()
+    assert resolved.rollout.max_new_tokens >= 40  # the long-response regime
+    assert rb.noise_for("dialogue", "flip")["noise_type"] == "gaussian"
+    with pytest.raises(ValueError, match="noise must be one of"):
+        rb.noise_for("math", "salt")
+    with pytest.raises(ValueError, match="task must be one of"):
+        rb.plan(["chess"], rb.STANDARD)
+
+
+def _fake_run(calls):
+    """A stand-in for run_training: VRPO gains 0.02 under noise, seeds shift every arm alike."""
     def run(cfg):
         calls.append(cfg)
-        level = cfg.task.noise_rate if cfg.task.noise_type == "flip" else cfg.task.noise_std
         os.makedirs(cfg.run_dir(), exist_ok=True)
-        return {"eval_clean_reward_before": 0.3, "eval_clean_reward_after": 0.8 - drop[cfg.algo.algo] * level
-                + 0.01 * cfg.run.seed, "steps": cfg.run.steps, "run_dir": cfg.run_dir(), "wall_time_s": 1.0,
-                "train_clean_reward_last3": 0.5, "train_noisy_reward_last3": 0.45}
-
+        noisy = cfg.task.noise_type != "none"
+        gain = {"vrpo": 0.02 if noisy else 0.0}.get(cfg.algo.algo, 0.0) if cfg.algo.beta > 0 else 0.0
+        after = 0.3 + 0.01 * cfg.run.seed + gain - (0.05 if noisy else 0.0)
+        return {"eval_clean_reward_before": 0.25, "eval_clean_reward_after": after, "eval_greedy_reward_after": after,
+                "eval_greedy_reward_before": 0.3, "steps": cfg.run.steps, "run_dir": cfg.run_dir(),
+                "metrics_path": os.path.join(cfg.run_dir(), "missing.jsonl")}
     return run
 
 
-def test_noise_mapping():
-    assert rb.noise_for("math", 0.2) == {"noise_type": "flip", "noise_rate": 0.2, "noise_std": 0.0}
-    assert rb.noise_for("sciqa", 0.4)["noise_type"] == "flip"
-    assert rb.noise_for("dialogue", 0.4, gaussian_scale=0.5) == {"noise_type": "gaussian", "noise_rate": 0.0,
-                                                                  "noise_std": 0.2}
-    bias = rb.noise_for("sciqa", 0.4, noise_model="bias")
-    assert bias["noise_type"] == "bias" and bias["noise_kwargs"] == {"bias_coef": 0.4, "bias_kind": "length"}
-    cfg = rb.run_overrides("dialogue", "ppo", 0.2, 1, out="o", quick=True, noise_model="bias")
-    assert cfg["noise_type"] == "bias" and cfg["noise_kwargs"]["bias_coef"] == 0.2
-    with pytest.raises(ValueError, match="noise_model"):
-        rb.noise_for("math", 0.2, noise_model="salt")
-    with pytest.raises(ValueError, match="flip rate"):
-        rb.noise_for("math", 1.5)
-    with pytest.raises(ValueError, match="task must be one of"):
-        rb.noise_for("chess", 0.1)
-
-
-def test_sweep_writes_csv_table_plot_and_resumes(tmp_path):
-    calls = []
-    out = str(tmp_path / "exp")
-    kw = dict(tasks=["math", "dialogue"], algos=["vrpo", "ppo", "grpo"], noise_levels=[0.0, 0.4], seeds=[0, 1, 2],
-              out=out, quick=True, run_fn=_fake_run(calls), log=lambda s: None)
-    rows = rb.run_experiment(**kw)
-    assert len(calls) == len(rows) == 2 * 3 * 2 * 3
-    # every run got its own directory, the right noise and the quick preset
-    assert len({c.run_dir() for c in calls}) == len(calls)
-    dlg = [c for c in calls if c.task.task == "dialogue" and c.task.noise_std > 0]
-    assert dlg and all(c.task.noise_type == "gaussian" and c.task.noise_std == 0.4 for c in dlg)
-    assert all(c.run.steps == rb.QUICK["steps"] and c.rollout.max_new_tokens == rb.TASK_SETTINGS[c.task.task][
-        "max_new_tokens"] for c in calls)
-
+def test_study_writes_csv_tables_plots_and_resumes(tmp_path):
+    design = {**rb.STANDARD, "seeds": (0, 1, 2), "lams": (0.95,), "noises": ("none", "flip"),
+              "arms": ("vrpo", "ppo", "grpo")}
+    out, calls = str(tmp_path / "study"), []
+    rows = rb.run_study(["arith"], design, out, run_fn=_fake_run(calls), log=lambda s: None)
+    assert len(calls) == len(rows) == 3 * 2 * 3
     with open(os.path.join(out, "results.csv")) as f:
-        csv_rows = list(csv.DictReader(f))
-    assert len(csv_rows) == 36 and set(csv_rows[0]) == set(rb.CSV_FIELDS)
+        assert len(list(csv.DictReader(f))) == 18
     md = open(os.path.join(out, "results.md")).read()
-    assert "## math (flip rate p)" in md and "## dialogue (Gaussian std)" in md
-    # mean +- sample std over the 3 seeds: 0.8 - 0.2*0.4 + {0, .01, .02} -> 0.730 +- 0.010, and it is the best
-    assert "**0.730 +- 0.010**" in md
-    assert "| 0.4 | 0.300 | **0.730 +- 0.010** | 0.610 +- 0.010 | 0.490 +- 0.010 |" in md
+    assert "| flip | 0.95 | vrpo - ppo | 3 | +0.020 [+0.020, +0.020]" in md  # the paired difference is exact
+    assert "| flip | 0.95 | 3 | +0.020" in md  # the robustness contrast
     assert os.path.getsize(os.path.join(out, "robustness.png")) > 1000
-
-    # resume: nothing left to run
-    calls.clear()
-    rows2 = rb.run_experiment(**kw)
-    assert calls == [] and len(rows2) == 36
-    # a larger sweep runs only the new cells
-    rb.run_experiment(**{**kw, "seeds": [0, 1, 2, 3]})
-    assert len(calls) == 12 and {c.run.seed for c in calls} == {3}
-    # other settings in the same output directory are refused
-    with pytest.raises(ValueError, match="other settings"):
-        rb.run_experiment(**{**kw, "quick": False})
+    assert os.path.getsize(os.path.join(out, "diagnostics.png")) > 1000
+    again = []
+    rb.run_study(["arith"], design, out, run_fn=_fake_run(again), log=lambda s: None)
+    assert again == []  # everything was in results.csv
 
 
 def test_failed_runs_are_recorded_and_retried(tmp_path):
-    out = str(tmp_path / "exp")
-    calls = []
-    good = _fake_run(calls)
+    design = {**rb.STANDARD, "seeds": (0,), "lams": (0.95,), "noises": ("flip",), "arms": ("vrpo", "ppo")}
+    out, calls = str(tmp_path / "s"), []
 
     def flaky(cfg):
-        if cfg.algo.algo == "ppo":
+        if cfg.algo.algo == "ppo" and not calls:
+            calls.append("failed")
             raise RuntimeError("boom")
-        return good(cfg)
+        return _fake_run([])(cfg)
 
-    kw = dict(tasks=["sciqa"], algos=["vrpo", "ppo"], noise_levels=[0.2], seeds=[0, 1], out=out,
-              quick=True, log=lambda s: None)
-    rows = rb.run_experiment(run_fn=flaky, **kw)
-    status = {(r["algo"], r["seed"]): r["status"] for r in rows}
-    assert status[("vrpo", 0)] == "ok" and status[("ppo", 1)].startswith("error: RuntimeError: boom")
-    md = open(os.path.join(out, "results.md")).read()
-    assert "failed (0/2)" in md
-    calls.clear()
-    rows = rb.run_experiment(run_fn=good, **kw)  # only the failed ones run again
-    assert sorted((c.algo.algo, c.run.seed) for c in calls) == [("ppo", 0), ("ppo", 1)]
-    assert all(r["status"] == "ok" for r in rows) and len(rows) == 4
-    assert len(rb.read_rows(os.path.join(out, "results.csv"))) == 4
+    rb.run_study(["arith"], design, out, run_fn=flaky, log=lambda s: None)
+    rows = rb.read_rows(os.path.join(out, "results.csv"))
+    assert [r["status"] for r in rows].count("ok") == 1 and "boom" in rows[-1]["status"]
+    rb.run_study(["arith"], design, out, run_fn=flaky, log=lambda s: None)
+    assert [r["status"] for r in rb.read_rows(os.path.join(out, "results.csv"))].count("ok") == 2
 
 
 def test_bad_options_fail_before_any_run(tmp_path):
     calls = []
-    with pytest.raises(ValueError, match="unknown config option"):
-        rb.run_experiment(tasks=["math"], algos=["vrpo"], noise_levels=[0.0], seeds=[0], out=str(tmp_path),
-                          extra={"not_an_option": 1}, run_fn=_fake_run(calls), log=lambda s: None)
-    with pytest.raises(ValueError, match="algorithms"):
-        rb.run_experiment(algos=["dqn"], out=str(tmp_path), run_fn=_fake_run(calls), log=lambda s: None)
+    with pytest.raises(ValueError, match="--rollout-batch-size"):
+        rb.run_study(["arith"], {**rb.QUICK, "seeds": (0,)}, str(tmp_path), extra={"rollout_batch_size": 7},
+                     run_fn=_fake_run(calls), log=lambda s: None)
     assert calls == []
-    assert rb.main(["--tasks", "math", "--algos", "vrpo", "--out", str(tmp_path), "--set", "nope=1"]) == 2
-
-
-def test_aggregate_statistics():
-    rows = [{"task": "math", "noise_level": "0.2", "algo": "vrpo", "eval_clean_reward_after": str(x), "status": "ok"}
-            for x in (0.1, 0.2, 0.6)]
-    rows.append({"task": "math", "noise_level": "0.2", "algo": "vrpo", "eval_clean_reward_after": "nan",
-                 "status": "error: x"})
-    m, s, n_ok, n = rb.aggregate(rows)[("math", "0.2", "vrpo")]
-    assert m == pytest.approx(0.3) and s == pytest.approx(math.sqrt(((0.2) ** 2 + 0.1 ** 2 + 0.3 ** 2) / 2))
-    assert (n_ok, n) == (3, 4)
 
 
 @pytest.mark.slow
-def test_smoke_real_training(tmp_path):
-    """1 task, 1 noise level, 2 algorithms, 1 seed, 1 RL step each, through the real trainer in-process."""
-    out = str(tmp_path / "smoke")
-    tiny = {"steps": 1, "warmup_steps": 3, "num_eval": 4, "rollout_batch_size": 8, "mini_batch_size": 4,
-            "group_size": 2, "max_new_tokens": 6, "eval_batch_size": 4, "tiny_hidden_size": 32, "tiny_layers": 1,
-            "warmup_batch_size": 8}
-    lines = []
-    rows = rb.run_experiment(tasks=["math"], algos=["vrpo", "grpo"], noise_levels=[0.2], seeds=[0], out=out,
-                             quick=True, extra=tiny, log=lines.append)
-    assert len(rows) == 2 and all(r["status"] == "ok" for r in rows), rows
-    for r in rows:
-        assert 0.0 <= float(r["eval_clean_reward_after"]) <= 1.0
-        assert r["noise_type"] == "flip" and float(r["noise_rate"]) == 0.2
-        assert os.path.isfile(os.path.join(r["run_dir"], "summary.json"))
-    # the second algorithm started from the first one's warm-up
-    assert "shared warm-up" not in lines[1] and "shared warm-up" in lines[2], lines
-    assert rows[0]["eval_clean_reward_before"] == rows[1]["eval_clean_reward_before"]
-    assert os.path.isdir(os.path.join(out, "warmups"))
-    assert os.path.getsize(os.path.join(out, "robustness.png")) > 1000
-    assert "| 0.2 |" in open(os.path.join(out, "results.md")).read()
+def test_quick_study_runs_for_real(tmp_path):
+    design = {**rb.QUICK, "seeds": (0,), "noises": ("flip",), "arms": ("vrpo", "grpo"),
+              "train": {**rb.QUICK["train"], "steps": 2, "num_eval": 8, "critic_warmup_steps": 1}}
+    extra = dict(tiny_hidden_size=32, tiny_layers=1, warmup_steps=3, warmup_batch_size=8, rollout_batch_size=8,
+                 mini_batch_size=4, eval_batch_size=8, task_kwargs={"max_operand": 20, "num_eval": 16})
+    rows = rb.run_study(["arith"], design, str(tmp_path), extra=extra, log=lambda s: None)
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert os.path.isdir(os.path.join(str(tmp_path), "warmups", "arith-seed0"))  # shared with the second arm
+    assert all(0.0 <= float(r["eval_clean_reward_after"]) <= 1.0 for r in rows)

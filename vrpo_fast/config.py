@@ -121,7 +121,8 @@ class AlgoConfig:
 class RolloutConfig:
     rollout_batch_size: int = _opt(128, "completions sampled per RL step, all processes together "
                                        "(GRPO: prompts x group size)")
-    max_new_tokens: int = _opt(6, "generation length cap")
+    max_new_tokens: Optional[int] = _opt(None, "generation length cap; default: the task's own (arith 6, math 32 at "
+                                               "difficulty 1 / 52 at 3, sciqa 20, dialogue 40)")
     temperature: float = _opt(1.0, "sampling temperature of the rollouts (log-probs use the same temperature)")
     eval_temperature: float = _opt(1.0, "held-out evaluation (the headline): sampling temperature, 0 = greedy; the "
                                         "default, the rollout temperature, measures the policy's expected clean reward")
@@ -262,11 +263,27 @@ class TrainConfig:
     def samples_per_prompt(self) -> int:
         return self.algo.group_size if self.algo.algo == "grpo" else 1
 
+    def resolved(self) -> "TrainConfig":
+        """A copy with the task's own defaults (:meth:`Task.default_settings`) filled in where an
+        option was left unset (None); what the trainer runs and records."""
+        import importlib
+
+
+        if self.task.task not in TASKS:
+            return self  # validate() names the bad --task
+        module, cls = TASKS[self.task.task].split(":")
+        defaults = getattr(importlib.import_module(module), cls).default_settings(**self.task.task_kwargs)
+        flat = self.flat()
+        missing = {k: v for k, v in defaults.items() if flat.get(k) is None}
+        return self.replace(**missing) if missing else self
+
     def run_dir(self) -> str:
         return self.run.output_dir.format(task=self.task.task, algo=self.algo.algo, seed=self.run.seed)
 
     def validate(self, num_processes: int = 1) -> None:
         """Raise ``ValueError`` naming the options whose values do not fit together."""
+        if self.task.task in TASKS and self.rollout.max_new_tokens is None:
+            return self.resolved().validate(num_processes)
         r, o, a = self.rollout, self.optim, self.algo
         if a.algo not in ALGOS:
             raise ValueError(f"--algo must be one of {ALGOS}, got {a.algo!r}")
@@ -351,7 +368,6 @@ class TrainConfig:
     def _validate_kwargs(self) -> None:
         import importlib
 
-        from .tasks import TASKS
         from .tasks.noise import make_noise
 
         module, cls = TASKS[self.task.task].split(":")

@@ -7,7 +7,7 @@ import os
 from typing import Any, Dict, Iterable, List, Optional
 
 # keys whose values depend on the machine's speed, not on the computation (ignored when comparing runs)
-TIMING_KEYS = ("step_time_s", "tokens_per_s", "wall_time_s")
+TIMING_KEYS = ("step_time_s", "tokens_per_s", "wall_time_s", "diagnostics_time_s")
 
 
 def _jsonable(value: Any) -> Any:

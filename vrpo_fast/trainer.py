@@ -116,7 +116,9 @@ def rl_step(run: Run, step: int) -> Dict[str, Any]:
     run.policy_sched.step()
     if run.has_critic:
         run.value_sched.step()
+    t_diag = time.time()
     stats.update(diagnostics(run, step, batch))     # does the critic absorb the noise? (uses the clean reward)
+    stats["diagnostics_time_s"] = time.time() - t_diag
     return step_record(run, step, batch, stats, time.time() - t0)                    # 7. metrics
 
 
@@ -410,6 +412,7 @@ def step_record(run: Run, step: int, batch: Batch, stats: Dict[str, float], step
     if run.has_critic:
         local["explained_variance"] = explained_variance(batch.old_values, batch.returns, mask)
         local["value_mean"] = masked_mean(batch.old_values, mask)
+        local["return_mean"] = masked_mean(batch.returns, mask)
     record = {"step": step + 1, **mean_over_processes(acc, local)}
     n_tokens = record.pop("tokens")
     record["lr"] = run.policy_sched.get_last_lr()[0]
@@ -463,6 +466,7 @@ class _Terminated(KeyboardInterrupt):
 def _run_training(cfg: TrainConfig, accelerator=None) -> Dict[str, Any]:
     t_start = time.time()
     acc = accelerator or make_accelerator(cfg)
+    cfg = cfg.resolved()  # the task's own defaults where an option is unset
     cfg.validate(acc.num_processes)
     check_distributed_support(cfg, acc)
     wanted = requested_processes() if acc.num_processes == 1 else None

@@ -24,6 +24,10 @@ class ArithTask(Task):
     name = "arith"
     reward_kind = "rule"
 
+    @classmethod
+    def default_settings(cls, **task_kwargs):
+        return {"max_new_tokens": 6}  # "99+99=" -> "198" + EOS
+
     def __init__(self, *, seed: int = 0, max_operand: int = 99, ops: str = "+", num_eval: int = 256,
                  num_train: int | None = None):
         if max_operand < 1:

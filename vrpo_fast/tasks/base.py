@@ -43,6 +43,13 @@ class Task(ABC):
     _train: List[Example]
     _eval: List[Example]
 
+    @classmethod
+    def default_settings(cls, **task_kwargs) -> Dict[str, Any]:
+        """Trainer options this task needs unless the user sets them (e.g. ``max_new_tokens``: long
+        enough for the task's reference completions, in tokens of the embedded character tokenizer,
+        which is the longest tokenization). ``task_kwargs`` are the task's constructor arguments."""
+        return {}
+
     def train_examples(self) -> List[Example]:
         return list(self._train)
 

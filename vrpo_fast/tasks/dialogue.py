@@ -305,6 +305,10 @@ class DialogueTask(Task):
     name = "dialogue"
     reward_kind = "model"
 
+    @classmethod
+    def default_settings(cls, **task_kwargs):
+        return {"max_new_tokens": 40}  # one bot turn (at most 36 characters) + EOS
+
     def __init__(
         self,
         seed: int = 0,

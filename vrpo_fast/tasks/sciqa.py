@@ -265,6 +265,10 @@ class SciQATask(Task):
     name = "sciqa"
     reward_kind = "rule"
 
+    @classmethod
+    def default_settings(cls, **task_kwargs):
+        return {"max_new_tokens": 20}  # the answer's name (at most 14 characters) + EOS
+
     def __init__(
         self,
         seed: int = 0,
