@@ -241,7 +241,11 @@ VRPO_INLINE uint64_t hash_combined(uint64_t h, uint64_t mixed_key) { return spli
 // exact bit manipulation only, in exactly the order of _random.keyed_normal, so both give the same
 // bits on every machine (libm / SLEEF / vendor log, cos and sqrt differ in the last bit between
 // implementations). The uniforms carry 23 bits, so float32 keeps all the information there is.
-VRPO_INLINE float keyed_normal_f32(uint64_t h) {
+//
+// One hash gives both Box-Muller outputs: `even` = radius cos(2 pi u2), `odd` = radius sin(2 pi u2)
+// (independent standard normals); keyed_normal(seed, ..., c) is the even one of the hash of
+// (seed, ..., c >> 1) when c is even, the odd one when c is odd.
+VRPO_INLINE void keyed_normal_pair_f32(uint64_t h, float& even, float& odd) {
     const uint32_t b1 = static_cast<uint32_t>(h >> 41), b2 = static_cast<uint32_t>(h >> 17) & 0x7FFFFFu;
     // u = (2 b + 1) 2^-24 = (b + 1/2) 2^-23, exact in float32 (2 b + 1 < 2^24).
     const float u1 = static_cast<float>(static_cast<int32_t>(2u * b1 + 1u)) * 0x1p-24f;
@@ -287,10 +291,20 @@ VRPO_INLINE float keyed_normal_f32(uint64_t h) {
     sn = sn * t2 + -0x1.555556p-3f;
     sn = sn * t2 + 1.0f;
     sn = sn * theta;
-    // Quadrant 0: cos, 1: -sin, 2: -cos, 3: sin (select, then flip the sign bit: no branches).
-    const float cs = (q & 1u) ? sn : c;
-    const uint32_t negate = ((q + 1u) >> 1) & 1u;  // 1 for q = 1, 2
-    return radius * bits_f32(f32_bits(cs) ^ (negate << 31));
+    // cos(q pi/2 + theta), quadrant 0: cos, 1: -sin, 2: -cos, 3: sin; sin(q pi/2 + theta): sin, cos,
+    // -sin, -cos (select, then flip the sign bit: no branches).
+    const bool swap = (q & 1u) != 0;
+    const float cs = swap ? sn : c, ss = swap ? c : sn;
+    const uint32_t neg_cos = ((q + 1u) >> 1) & 1u;  // q = 1, 2
+    const uint32_t neg_sin = (q >> 1) & 1u;         // q = 2, 3
+    even = radius * bits_f32(f32_bits(cs) ^ (neg_cos << 31));
+    odd = radius * bits_f32(f32_bits(ss) ^ (neg_sin << 31));
+}
+
+VRPO_INLINE float keyed_normal_f32(uint64_t h_pair, uint64_t c) {
+    float even, odd;
+    keyed_normal_pair_f32(h_pair, even, odd);
+    return (c & 1u) ? odd : even;
 }
 
 // Run fn(begin, end, thread_index) over [0, n) split into n_threads contiguous slices whose sizes

@@ -5,7 +5,8 @@
 //   dmu = gz + gkl * mu;  dlv = [lo <= logvar <= hi] * (0.5 * gz * eps * std + 0.5 * gkl * (std^2 - 1))
 //
 // eps[r, j] = keyed_normal(seed, key_r, j) with key_r = row_ids[r], or the flat row index r when no
-// ids are given (common.h; bit-identical to vrpo_fast.ops._random.keyed_normal), so the backward
+// ids are given (common.h; bit-identical to vrpo_fast.ops._random.keyed_normal; columns 2k, 2k + 1
+// are the two outputs of one Box-Muller draw), so the backward
 // regenerates exactly the forward's noise from the seed and nothing but mu and logvar is saved.
 // Arithmetic in float32 (float64 for float64 inputs); bf16 / fp16 are read and written directly.
 // NaN logvar gives NaN z and KL (clamping keeps NaN); its gradient is 0 under a clamp, like
@@ -38,7 +39,7 @@ struct VibArgs {
     int64_t rows, L, mu_s0, lv_s0, gz_s0;
     int ids_code;          // 0: none, 1: int32, 2: int64
     uint64_t seed_hash;
-    const uint64_t* col_keys;  // splitmix(j + golden) for j < L
+    const uint64_t* col_keys;  // splitmix(k + golden) for column pairs k < (L + 1) / 2
     double lo, hi;  // no clamp: -inf, inf
     bool clamp;
 };
@@ -57,14 +58,28 @@ VRPO_INLINE C clamp_lv(C lv, C lo, C hi) {
 
 // The row loops below are branch-free (presence of z / grad_z is a template parameter), so each
 // multiversioned clone vectorises them, hash and Box-Muller included.
+// eps of one row into buf[0, L): one hash and one Box-Muller draw per column pair (both outputs used).
+VRPO_INLINE void row_noise(const VibArgs& a, int64_t r, float* __restrict buf) {
+    const uint64_t h = hash_key(a.seed_hash, row_key(a, r));
+    const uint64_t* __restrict cols = a.col_keys;
+    const int64_t pairs = a.L / 2;
+    for (int64_t k = 0; k < pairs; ++k) {
+        float even, odd;
+        keyed_normal_pair_f32(hash_combined(h, cols[k]), even, odd);
+        buf[2 * k] = even;
+        buf[2 * k + 1] = odd;
+    }
+    if (a.L & 1) buf[a.L - 1] = keyed_normal_f32(hash_combined(h, cols[pairs]), 0);
+}
+
 template <typename T, bool TRAIN>
-VRPO_INLINE void vib_forward_row(const VibArgs& a, int64_t r, typename Elem<T>::C* __restrict terms) {
+VRPO_INLINE void vib_forward_row(const VibArgs& a, int64_t r, typename Elem<T>::C* __restrict terms,
+                                 float* __restrict eps_buf) {
     using C = typename Elem<T>::C;
     const T* __restrict mu = static_cast<const T*>(a.mu) + r * a.mu_s0;
     const T* __restrict lvp = static_cast<const T*>(a.logvar) + r * a.lv_s0;
     T* __restrict z = TRAIN ? static_cast<T*>(a.z) + r * a.L : nullptr;
-    const uint64_t* __restrict cols = a.col_keys;
-    const uint64_t h = hash_key(a.seed_hash, row_key(a, r));
+    if (TRAIN) row_noise(a, r, eps_buf);
     const C lo = static_cast<C>(a.lo), hi = static_cast<C>(a.hi);
     const int64_t L = a.L;
     for (int64_t j = 0; j < L; ++j) {
@@ -72,8 +87,7 @@ VRPO_INLINE void vib_forward_row(const VibArgs& a, int64_t r, typename Elem<T>::
         const C lv = clamp_lv(Elem<T>::load(lvp + j), lo, hi);
         const C sd = exp_c<C>(lv * C(0.5));
         if (TRAIN) {
-            const C eps = static_cast<C>(keyed_normal_f32(hash_combined(h, cols[j])));
-            Elem<T>::store(z + j, m + sd * eps);
+            Elem<T>::store(z + j, m + sd * static_cast<C>(eps_buf[j]));
         }
         terms[j] = ((sd * sd - lv) - C(1)) + m * m;
     }
@@ -90,7 +104,7 @@ VRPO_INLINE void vib_forward_row(const VibArgs& a, int64_t r, typename Elem<T>::
 }
 
 template <typename T, bool HAS_GZ>
-VRPO_INLINE void vib_backward_row(const VibArgs& a, int64_t r) {
+VRPO_INLINE void vib_backward_row(const VibArgs& a, int64_t r, float* __restrict eps_buf) {
     using C = typename Elem<T>::C;
     const T* __restrict mu = static_cast<const T*>(a.mu) + r * a.mu_s0;
     const T* __restrict lvp = static_cast<const T*>(a.logvar) + r * a.lv_s0;
@@ -98,8 +112,7 @@ VRPO_INLINE void vib_backward_row(const VibArgs& a, int64_t r) {
     const C g = a.grad_kl ? static_cast<const C*>(a.grad_kl)[r] : C(0);
     T* __restrict dmu = static_cast<T*>(a.dmu) + r * a.L;
     T* __restrict dlv = static_cast<T*>(a.dlv) + r * a.L;
-    const uint64_t* __restrict cols = a.col_keys;
-    const uint64_t h = hash_key(a.seed_hash, row_key(a, r));
+    if (HAS_GZ) row_noise(a, r, eps_buf);
     const C lo = static_cast<C>(a.lo), hi = static_cast<C>(a.hi);
     const C half_g = C(0.5) * g;
     const bool clamp = a.clamp;
@@ -113,8 +126,7 @@ VRPO_INLINE void vib_backward_row(const VibArgs& a, int64_t r) {
         C gzj = C(0);
         if (HAS_GZ) {
             gzj = Elem<T>::load(gz + j);
-            const C eps = static_cast<C>(keyed_normal_f32(hash_combined(h, cols[j])));
-            d = d + (eps * sd) * gzj * C(0.5);
+            d = d + (static_cast<C>(eps_buf[j]) * sd) * gzj * C(0.5);
         }
         // torch.clamp's gradient: it passes only where lo <= logvar <= hi, so a NaN logvar gets a
         // zero gradient when clamping (and a NaN one without).
@@ -127,12 +139,14 @@ VRPO_INLINE void vib_backward_row(const VibArgs& a, int64_t r) {
 template <typename T, bool TRAIN>
 VRPO_MULTIVERSION void vib_forward_rows(const VibArgs& a, int64_t lo, int64_t hi) {
     std::vector<typename Elem<T>::C> terms(static_cast<size_t>(a.L));
-    for (int64_t r = lo; r < hi; ++r) vib_forward_row<T, TRAIN>(a, r, terms.data());
+    std::vector<float> eps(static_cast<size_t>(a.L));
+    for (int64_t r = lo; r < hi; ++r) vib_forward_row<T, TRAIN>(a, r, terms.data(), eps.data());
 }
 
 template <typename T, bool HAS_GZ>
 VRPO_MULTIVERSION void vib_backward_rows(const VibArgs& a, int64_t lo, int64_t hi) {
-    for (int64_t r = lo; r < hi; ++r) vib_backward_row<T, HAS_GZ>(a, r);
+    std::vector<float> eps(static_cast<size_t>(a.L));
+    for (int64_t r = lo; r < hi; ++r) vib_backward_row<T, HAS_GZ>(a, r, eps.data());
 }
 
 template <typename T>
@@ -170,9 +184,10 @@ void check_common(int64_t rows, int64_t L, int dtype_code, int ids_code) {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
+// The mixed key of each column pair (keyed_normal hashes the last key c as c >> 1).
 std::vector<uint64_t> column_keys(int64_t L) {
-    std::vector<uint64_t> keys(static_cast<size_t>(L));
-    for (int64_t j = 0; j < L; ++j) keys[j] = splitmix(static_cast<uint64_t>(j) + kGolden);
+    std::vector<uint64_t> keys(static_cast<size_t>((L + 1) / 2));
+    for (int64_t k = 0; k < (L + 1) / 2; ++k) keys[k] = splitmix(static_cast<uint64_t>(k) + kGolden);
     return keys;
 }
 
@@ -214,7 +229,8 @@ void keyed_normal_2d(uintptr_t keys, uintptr_t out, int64_t n_keys, int64_t n_co
     const std::vector<uint64_t> cols = column_keys(n_cols);
     for (int64_t i = 0; i < n_keys; ++i) {
         const uint64_t h = hash_key(hs, static_cast<uint64_t>(k[i]));
-        for (int64_t j = 0; j < n_cols; ++j) o[i * n_cols + j] = keyed_normal_f32(hash_combined(h, cols[j]));
+        for (int64_t j = 0; j < n_cols; ++j)
+            o[i * n_cols + j] = keyed_normal_f32(hash_combined(h, cols[j >> 1]), static_cast<uint64_t>(j));
     }
 }
 

@@ -51,13 +51,17 @@ def test_cpp_keyed_normal_is_the_torch_stream_bit_for_bit(seed):
 
 
 def test_keyed_normal_is_box_muller_to_float32_rounding():
-    h = keyed_hash(5, torch.arange(1 << 16))
+    # Counter c: the pair c >> 1 shares one hash; even c takes the cosine output, odd c the sine one.
+    c = torch.arange(1 << 16)
+    h = keyed_hash(5, c >> 1)
     u1 = (2 * _srl(h, 41) + 1).double() * 2.0**-24
     u2 = (2 * (_srl(h, 17) & 0x7FFFFF) + 1).double() * 2.0**-24
-    exact = torch.sqrt(-2 * torch.log(u1)) * torch.cos(2 * math.pi * u2)
-    got = keyed_normal(5, torch.arange(1 << 16), dtype=torch.float64)
+    angle = 2 * math.pi * u2
+    exact = torch.sqrt(-2 * torch.log(u1)) * torch.where(c % 2 == 0, torch.cos(angle), torch.sin(angle))
+    got = keyed_normal(5, c, dtype=torch.float64)
     torch.testing.assert_close(got, exact, rtol=2e-6, atol=2e-6)
     assert got.abs().max() < 5.8
+    assert abs(torch.corrcoef(torch.stack([got[0::2], got[1::2]]))[0, 1].item()) < 4 / math.sqrt(c.numel() / 2)
 
 
 def _convert(src, dst_dtype):

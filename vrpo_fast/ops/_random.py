@@ -116,13 +116,20 @@ def _sqrt(x: torch.Tensor) -> torch.Tensor:
 def keyed_normal(seed: int, *keys, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """N(0, 1) keyed by ``(seed, *keys)``: Box-Muller on two 23-bit uniforms from one hash.
 
+    The last key ``c`` is a counter whose consecutive pairs share a draw: the hash is of
+    ``(seed, ..., c >> 1)`` and the value is the draw's cosine output for even ``c``, its sine output
+    (an independent normal) for odd ``c``, so a row of noise costs one hash per two values.
     ``u = (b + 1/2) 2^-23`` (b: hash bits 41..63 and 17..39), ``sqrt(-2 log u1) cos(2 pi u2)``
     evaluated in float32 from basic IEEE operations only (series for log and cos, exact range
     reduction, Newton steps for 1/sqrt; ~1e-7 relative to the exact formula), then converted to
     ``dtype`` (float64 gets the float32 value). The result is the same bits on every device and in
     the C++ extension, which draws this stream for the VIB noise on CPU. Tails reach 5.8 sigma.
     """
-    h = keyed_hash(seed, *keys)
+    if not keys:
+        raise ValueError("keyed_normal needs at least one key")
+    last = keys[-1]
+    odd = (last & 1) == 1 if isinstance(last, torch.Tensor) else bool(int(last) & 1)
+    h = keyed_hash(seed, *keys[:-1], last >> 1 if isinstance(last, torch.Tensor) else int(last) >> 1)
     f32 = torch.float32
     b1, b2 = _srl(h, 41), _srl(h, 17) & 0x7FFFFF
     u1 = (2 * b1 + 1).to(f32) * (2.0 ** -24)  # exact: 2 b + 1 < 2^24
@@ -143,7 +150,8 @@ def keyed_normal(seed: int, *keys, dtype: torch.dtype = torch.float32) -> torch.
     sn = _horner(t2, _SIN_COEFS) * theta
     quadrant = q & 3
     cs = torch.where(quadrant == 0, c, torch.where(quadrant == 1, -sn, torch.where(quadrant == 2, -c, sn)))
-    return (radius * cs).to(dtype)
+    ss = torch.where(quadrant == 0, sn, torch.where(quadrant == 1, c, torch.where(quadrant == 2, -sn, -c)))
+    return (radius * torch.where(torch.as_tensor(odd, device=radius.device), ss, cs)).to(dtype)
 
 
 def keyed_gumbel(seed: int, *keys, dtype: torch.dtype = torch.float32) -> torch.Tensor:
