@@ -58,7 +58,7 @@ class NinjaBuildExt(build_ext):
     """build_ext whose compile step writes ``build.ninja`` into the build directory and runs ninja.
 
     The sources compile in parallel (ninja's default job count), and a rebuild recompiles only what
-    changed, headers included (gcc depfiles). The compile commands are exactly the ones setuptools
+    changed, headers included (gcc depfiles), also under `pip install -e .`. The compile commands are exactly the ones setuptools
     would run (its compiler, flags, include dirs); linking stays with setuptools. Without ninja (or
     with a non-Unix compiler) the plain serial setuptools compile runs instead.
     """
@@ -81,7 +81,11 @@ class NinjaBuildExt(build_ext):
 
         def compile(sources, output_dir=None, macros=None, include_dirs=None, debug=0, extra_preargs=None,
                     extra_postargs=None, depends=None):
-            output_dir = output_dir or self.build_temp
+            # Objects live in a persistent directory of the checkout, not in setuptools' build_temp:
+            # `pip install -e .` builds in a fresh temporary directory each time, which would make every
+            # rebuild a clean one. ninja's log and depfiles there make an unchanged rebuild a no-op (a
+            # changed command line -- other flags or include paths -- recompiles).
+            output_dir = os.path.join(HERE, "build", f"ninja.{sys.implementation.cache_tag}")
             macros, objects, extra_postargs, pp_opts, build = cc._setup_compile(
                 output_dir, macros, include_dirs, sources, depends, extra_postargs)
             cc_args = cc._get_cc_args(pp_opts, debug, extra_preargs)

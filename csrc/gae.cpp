@@ -198,7 +198,7 @@ inline __m128i nonfinite_lanes(__m128 x) {
 // the whitening, accumulated in float64 inside the same loop (the recursion is latency-bound, so
 // the extra adds ride along nearly free); written to stats[0..3].
 template <typename M, bool VALIDATE, bool STATS>
-VRPO_MULTIVERSION void gae_rows4_sse(const Problem& p, int64_t b0, Flags& flags, RowStats* stats) {
+void gae_rows4_sse(const Problem& p, int64_t b0, Flags& flags, RowStats* stats) {
     const int64_t T = p.T;
     const float* r = static_cast<const float*>(p.rewards) + b0 * T;
     const float* v = static_cast<const float*>(p.values) + b0 * T;
