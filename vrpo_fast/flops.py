@@ -108,7 +108,8 @@ def forward_flops(shape: DecoderShape, batch: int, length: int, *, head_tokens: 
     _check_count("batch", batch)
     _check_count("length", length)
     n = batch * length
-    return body_flops(shape, n, batch * causal_pairs(length)) + head_flops(shape, n if head_tokens is None else head_tokens)
+    head = head_flops(shape, n if head_tokens is None else head_tokens)
+    return body_flops(shape, n, batch * causal_pairs(length)) + head
 
 
 def generate_flops(shape: DecoderShape, batch: int, prompt_length: int, new_tokens: int) -> int:

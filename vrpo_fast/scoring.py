@@ -39,9 +39,13 @@ def next_token_labels(input_ids: torch.Tensor, action_mask: torch.Tensor) -> tor
 class TokenScorer(nn.Module):
     """``forward(input_ids, attention_mask, labels) -> (logprobs [B, T], entropy [B, T] or None)``, fp32.
 
-    ``fused=True`` (default): the fused linear + log-softmax op, no [B, T, V] logits.
+    ``fused=True`` (default): the fused linear + log-softmax op, no [B, T, V] logits, and the lm_head
+    only on positions that have a label (``scores_labelled_only``): in a rollout the prompt (often a
+    long chat template) and the padding after EOS need no logits; the others give 0, as before.
     ``fused=False``: full logits from the ``lm_head`` + plain fp32 log_softmax (the baseline).
     """
+
+    scores_labelled_only = True  # fused path; read by benchmarks/bench_train_step.py's FLOP count
 
     def __init__(self, lm: nn.Module, *, fused: bool = True):
         super().__init__()
@@ -72,10 +76,18 @@ class TokenScorer(nn.Module):
             logits = F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
             return token_logprobs_entropy_reference(logits, labels, temperature=temperature, ignore_index=IGNORE_INDEX,
                                                     compute_entropy=compute_entropy)
-        return linear_logprobs_entropy(
-            hidden.to(dtype), weight.to(dtype), labels, None if bias is None else bias.to(dtype),
+        # the lm_head on labelled positions only (one [n, H] gather); all or none labelled: as is
+        valid = labels != IGNORE_INDEX
+        trim = bool(valid.any()) and not bool(valid.all())
+        rows, row_labels = (hidden[valid], labels[valid]) if trim else (hidden, labels)
+        lp, ent = linear_logprobs_entropy(
+            rows.to(dtype), weight.to(dtype), row_labels, None if bias is None else bias.to(dtype),
             temperature=temperature, ignore_index=IGNORE_INDEX, compute_entropy=compute_entropy,
         )
+        if trim:
+            lp = lp.new_zeros(labels.shape).index_put((valid,), lp)
+            ent = None if ent is None else ent.new_zeros(labels.shape).index_put((valid,), ent)
+        return lp, ent
 
 
 @dataclass
