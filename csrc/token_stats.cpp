@@ -21,10 +21,6 @@
 #include <limits>
 #include <string>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include "common.h"
 
 namespace py = pybind11;
@@ -244,23 +240,6 @@ void run_backward(const BwdArgs& a, bool inplace, int n_threads) {
             else backward_rows<T, T, false, false>(a, lo, hi);
         }
     });
-}
-
-// A fresh N x V gradient buffer is usually untouched memory: first-touch page faults on 4 KiB pages
-// cost more than the kernel itself (torch's CPU allocator leaves transparent huge pages off unless
-// THP_MEM_ALLOC_ENABLE is set). Asking for huge pages on the 2 MiB-aligned interior of a large output
-// turns ~500 faults per MiB into one. A hint only: ignored where unsupported.
-void advise_huge_pages(void* p, int64_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-    constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-    if (bytes < int64_t(8) << 20) return;
-    const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
-    const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(bytes)) & ~(kHuge - 1);
-    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-    (void)p;
-    (void)bytes;
-#endif
 }
 
 void check_dtype(int code, const char* what) {

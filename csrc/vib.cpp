@@ -163,9 +163,13 @@ void run(const VibArgs& a, bool backward, int n_threads) {
 }
 
 void dispatch(const VibArgs& a, int dtype_code, bool backward, int num_threads) {
-    // ~16K elements per thread at least: below that a thread start costs more than it saves.
-    const int n_threads = clamp_threads(num_threads, a.rows * a.L, int64_t(1) << 14);
+    // >= 128K elements (~0.2 ms of work) per thread: below that, starting a thread -- and on a busy
+    // machine waiting for it to be scheduled -- costs more than it saves.
+    const int n_threads = clamp_threads(num_threads, a.rows * a.L, int64_t(1) << 17);
     py::gil_scoped_release release;
+    const int64_t out_bytes = a.rows * a.L * (dtype_code == kFloat64 ? 8 : (dtype_code == kFloat32 ? 4 : 2));
+    for (void* out : {a.z, a.dmu, a.dlv})
+        if (out) advise_huge_pages(out, out_bytes);
     switch (dtype_code) {
         case kFloat32: return run<float>(a, backward, n_threads);
         case kFloat64: return run<double>(a, backward, n_threads);
