@@ -4,8 +4,13 @@ Variants (each forward, and forward + backward of ``sum(lp * g1) + sum(H * g2)``
 
 * ``naive``: what RL code usually writes -- ``log_softmax`` + ``gather`` + ``-(p * logp).sum(-1)``
   under autograd (fp32 math; materialises several N x V tensors).
-* ``chunked``: ``backend="torch"`` (rows in chunks, O(chunk) temporaries plus the gradient).
-* ``chunked-inplace``: the same with ``inplace_backward=True`` (gradient written over the logits).
+* ``cpp``: ``backend="torch"`` on CPU, i.e. the C++ extension (csrc/token_stats.cpp: one read of the
+  logits forward, one read + one write backward, vectorised, threads over rows).
+* ``cpp-inplace``: the same with ``inplace_backward=True`` (gradient written over the logits).
+* ``chunked`` / ``chunked-inplace``: the chunked PyTorch path (what CPU ran before the C++ kernels,
+  and still the fallback without the extension; rows in chunks, O(chunk) temporaries).
+* ``read``: CPU only, ``torch.sum`` over the same logits -- the measured read rate, the limit of the
+  forward (target: forward >= 30% of it, 2 threads, N=4096 V=32000 fp32).
   Its logits must come from an op (a leaf is refused): a clone stands in for the lm_head output,
   timed separately and subtracted (shown in the notes); for memory it is made before the call.
 * ``triton`` / ``triton-inplace``: CUDA only.
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 
 import torch
@@ -43,7 +49,7 @@ from _common import (  # noqa: E402
     time_ms,
 )
 
-from vrpo_fast.ops import linear_logprobs_entropy, token_logprobs_entropy  # noqa: E402
+from vrpo_fast.ops import _cpu_ext, linear_logprobs_entropy, token_logprobs_entropy  # noqa: E402
 
 
 def naive_token_stats(logits, labels, ignore_index=-100):
@@ -59,11 +65,16 @@ def _token_fn(variant):
         return naive_token_stats
     backend = "triton" if variant.startswith("triton") else "torch"
     inplace = variant.endswith("inplace")
+    chunked = variant.startswith("chunked")
 
     def fn(logits, labels):
         # Benchmark inputs are known-good: skip the label range check (a device sync on CUDA).
-        return token_logprobs_entropy(logits, labels, backend=backend, inplace_backward=inplace,
-                                      _check_label_range=False)
+        _cpu_ext.FORCE_TORCH_FALLBACK = chunked
+        try:
+            return token_logprobs_entropy(logits, labels, backend=backend, inplace_backward=inplace,
+                                          _check_label_range=False)
+        finally:
+            _cpu_ext.FORCE_TORCH_FALLBACK = False
 
     return fn
 
@@ -92,6 +103,8 @@ def make_token_step(variant, N, V, device, dtype, backward, restore=False):
     if variant == "copy":
         out = torch.empty_like(logits)
         return lambda: out.copy_(logits)
+    if variant == "read":
+        return lambda: torch.sum(logits)
     fn = _token_fn(variant)
     if not backward:
         def step():
@@ -172,14 +185,23 @@ def bench_token(args, device, dtype_name, N, V, table, notes):
     esize = torch.finfo(dtype).bits // 8
     nbytes = N * V * esize
     on_cuda = device.type == "cuda"
-    variants = ["naive", "chunked", "chunked-inplace"] + (["triton", "triton-inplace"] if on_cuda else [])
+    variants = ["naive", "chunked", "chunked-inplace"]
+    variants += ["triton", "triton-inplace"] if on_cuda else ["cpp", "cpp-inplace"]
     kw = dict(warmup=args.warmup, reps=args.reps)
     restore_ms = time_ms(make_restore_step(N, V, device, dtype), device=device, **kw)
+    read_gbps = None
     if on_cuda:
         copy_ms = time_ms(make_token_step("copy", N, V, device, dtype, False), device=device, **kw)
         copy_gbps = 2 * nbytes / copy_ms / 1e6
         table.append([f"{N}x{V}", dtype_name, "copy (reference)", "-", f"{copy_ms:.2f}", f"{copy_gbps:.0f} GB/s",
                       "-", "-", "-"])
+    else:
+        read_ms = time_ms(make_token_step("read", N, V, device, dtype, False), device=device, warmup=2,
+                          reps=max(5, args.reps))
+        read_gbps = nbytes / read_ms / 1e6
+        table.append([f"{N}x{V}", dtype_name, "read: torch.sum (limit)", "-", f"{read_ms:.2f}",
+                      f"{read_gbps:.1f} GB/s", "-", "-", "-"])
+    times = {}
     for backward in (False, True):
         mode = "fwd+bwd" if backward else "fwd"
         traffic = (3 if backward else 1) * nbytes
@@ -206,10 +228,13 @@ def bench_token(args, device, dtype_name, N, V, table, notes):
                 ms -= restore_ms
             if variant == "naive":
                 base_ms, base_mem = ms, mem
+            times[variant, mode] = ms
             gbps = traffic / ms / 1e6
             extra = ""
             if on_cuda:  # fwd+bwd moves 3 N x V (read, re-read, write): the same copy is its limit
                 extra = f" ({pct_of(gbps, copy_gbps)} of copy)"
+            elif read_gbps and not backward:
+                extra = f" ({pct_of(gbps, read_gbps)} of read)"
             table.append([
                 f"{N}x{V}", dtype_name, variant, mode, f"{ms:.2f}", f"{gbps:.1f} GB/s{extra}",
                 fmt_bytes(mem) if mem is not None else "-",
@@ -219,6 +244,26 @@ def bench_token(args, device, dtype_name, N, V, table, notes):
             print(f"  {variant:16s} {mode:8s} {ms:9.2f} ms", flush=True)
     notes.append(f"in-place timings for {N}x{V} {dtype_name} exclude the clone that produces the logits "
                  f"({restore_ms:.2f} ms)")
+    if read_gbps and ("cpp", "fwd") in times:
+        # The forward target, measured with the read and the forward interleaved rep by rep (on a shared
+        # machine both then see the same load).
+        read_step = make_token_step("read", N, V, device, dtype, False)
+        fwd_step = make_token_step("cpp", N, V, device, dtype, False)
+        for f in (read_step, fwd_step, read_step, fwd_step):
+            f()
+        pairs = [(time_ms(read_step, warmup=0, reps=1), time_ms(fwd_step, warmup=0, reps=1))
+                 for _ in range(max(7, args.reps))]
+        r_ms = statistics.median(p[0] for p in pairs)
+        f_ms = statistics.median(p[1] for p in pairs)
+        r_gbps, f_gbps = nbytes / r_ms / 1e6, nbytes / f_ms / 1e6
+        notes.append(f"target (CPU, interleaved reps): cpp forward {f_ms:.2f} ms = {f_gbps:.1f} GB/s, the read "
+                     f"(torch.sum) {r_ms:.2f} ms = {r_gbps:.1f} GB/s: {100 * f_gbps / r_gbps:.0f}% of the measured "
+                     f"read rate (target >= 30%: {'met' if f_gbps >= 0.3 * r_gbps else 'NOT met'})")
+        for v_new, v_old in (("cpp", "chunked"), ("cpp-inplace", "chunked-inplace")):
+            if (v_new, "fwd+bwd") in times and (v_old, "fwd+bwd") in times:
+                r = times[v_new, "fwd+bwd"] / times[v_old, "fwd+bwd"]
+                notes.append(f"target (CPU): {v_new} fwd+bwd = {r:.2f}x the chunked path's time "
+                             f"(target <= 1.0x: {'met' if r <= 1.0 else 'NOT met'})")
 
 
 def bench_linear(args, device, dtype_name, M, H, V, table, notes):
