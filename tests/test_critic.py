@@ -202,3 +202,16 @@ def test_vrpo_critic_tracks_the_noisy_return_by_step_20(tmp_path):
     last = read_metrics(summary["metrics_path"])[-1]
     assert last["step"] == 20
     assert abs(last["value_mean"] - last["return_mean"]) <= 0.25 * abs(last["return_mean"]), last
+
+
+def test_surprisal_loss_is_zero_where_undefined_and_a_response_token_mean():
+    g = torch.Generator().manual_seed(5)
+    pred, target = torch.randn(2, 6, generator=g), torch.randn(2, 6, generator=g)
+    mask = torch.tensor([[0, 1, 1, 1, 1, 0], [0, 0, 1, 1, 0, 0]], dtype=torch.bool)
+    nll_mask = mask.clone()
+    nll_mask[0, 1] = nll_mask[1, 2] = False  # the first response state has read a prompt token
+    v = torch.zeros(2, 6)
+    _, stats = vrpo_value_loss(v, None, v, mask, clip=None, nll_pred=pred, nll_target=target, alpha_ppl=1.0,
+                               nll_mask=nll_mask)
+    expected = ((pred - target) ** 2 * nll_mask).sum() / mask.sum()
+    assert stats["ppl_loss"].item() == pytest.approx(expected.item(), rel=1e-6)

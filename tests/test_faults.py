@@ -73,6 +73,14 @@ def resume_to_4(tmp_path, capsys=None):
     return summary, (capsys.readouterr().out if capsys else "")
 
 
+def resumes_like_straight(tmp_path, straight, capsys) -> str:
+    """Resume the damaged run to step 4, check it equals the uninterrupted run, return what it printed."""
+    capsys.readouterr()
+    summary, out = resume_to_4(tmp_path, capsys)
+    assert without_timings(read_metrics(summary["metrics_path"])) == straight[0]
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # 2. resume never goes backwards silently
 # ----------------------------------------------------------------------------------------------
@@ -91,10 +99,8 @@ def test_latest_pointer_is_only_a_hint(tmp_path, straight, damage):
 def test_incomplete_newest_checkpoint_is_skipped_and_named(tmp_path, straight, capsys, remove):
     run = two_step_run(tmp_path)
     os.remove(os.path.join(run, "checkpoints", STEP(2), remove))
-    capsys.readouterr()
-    summary, out = resume_to_4(tmp_path, capsys)
+    out = resumes_like_straight(tmp_path, straight, capsys)
     assert f"skipping checkpoint {STEP(2)}" in out and f"resumed from {os.path.join(run, 'checkpoints', STEP(1))}" in out
-    assert without_timings(read_metrics(summary["metrics_path"])) == straight[0]
     assert os.path.isdir(os.path.join(run, "checkpoints", STEP(2) + ".broken"))  # kept for inspection
 
 
@@ -104,10 +110,7 @@ def test_corrupted_weights_fail_the_checksum(tmp_path, straight, capsys):
     with open(weights, "r+b") as f:  # same size, different bytes
         f.seek(os.path.getsize(weights) - 16)
         f.write(b"\xff" * 16)
-    capsys.readouterr()
-    summary, out = resume_to_4(tmp_path, capsys)
-    assert "policy/model.safetensors does not match its checksum" in out
-    assert without_timings(read_metrics(summary["metrics_path"])) == straight[0]
+    assert "policy/model.safetensors does not match its checksum" in resumes_like_straight(tmp_path, straight, capsys)
 
 
 def test_no_usable_checkpoint_refuses_and_changes_nothing(tmp_path, capsys):
@@ -146,10 +149,8 @@ def test_leftovers_of_a_killed_write_are_cleaned_up(tmp_path, straight, capsys):
     os.makedirs(os.path.join(root, STEP(3) + ".tmp", "policy"))        # killed while writing step 3
     open(os.path.join(run, "summary.json.tmp-4242"), "w").write("{")   # killed in atomic_write_text
     os.replace(os.path.join(root, STEP(2)), os.path.join(root, STEP(2) + ".old"))  # killed mid-replace
-    capsys.readouterr()
-    summary, out = resume_to_4(tmp_path, capsys)
+    out = resumes_like_straight(tmp_path, straight, capsys)
     assert "removed the unfinished write" in out and "restored" in out
-    assert without_timings(read_metrics(summary["metrics_path"])) == straight[0]
     leftovers = [n for n in os.listdir(root) + os.listdir(run) if ".tmp" in n or n.endswith(".old")]
     assert leftovers == []
 
@@ -318,10 +319,7 @@ def test_torn_last_metrics_line_is_dropped_on_resume(tmp_path, straight, capsys)
     run = two_step_run(tmp_path)
     with open(os.path.join(run, "metrics.jsonl"), "a") as f:
         f.write('{"step": 3, "clean_rew')  # the disk filled in the middle of an append
-    capsys.readouterr()
-    summary, out = resume_to_4(tmp_path, capsys)
-    assert "dropped a torn last line" in out
-    assert without_timings(read_metrics(summary["metrics_path"])) == straight[0]
+    assert "dropped a torn last line" in resumes_like_straight(tmp_path, straight, capsys)
 
 
 def test_damaged_metrics_line_in_the_middle_names_file_and_line(tmp_path, capsys):

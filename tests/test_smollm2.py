@@ -456,7 +456,8 @@ def test_lora_run_resumes_to_the_uninterrupted_result(tmp_path):
 
     full = TrainConfig.from_flat(**{**LORA_RUN, "lora_r": 0, "steps": 2, "output_dir": str(tmp_path / "c")})
     run_training(full)
-    with pytest.raises(ValueError, match="not written by a --lora-r run"):
+    # refused before anything loads: --lora-r changes what is trained (one run, one configuration)
+    with pytest.raises(ValueError, match="--lora-r 0 -> 4"):
         run_training(TrainConfig.from_flat(**{**LORA_RUN, "steps": 3, "output_dir": str(tmp_path / "c"),
                                               "save_every": 1, "resume": True}))
 

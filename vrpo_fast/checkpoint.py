@@ -239,7 +239,7 @@ class _WriteErrors:
     def write(self, data):
         try:
             return self.f.write(data)
-        except OSError as err:
+        except (OSError, KeyboardInterrupt) as err:  # Ctrl-C / SIGTERM in the middle of a write, too
             self.error = err
             raise
 
@@ -254,6 +254,8 @@ def save_torch(obj: Any, path: str) -> None:
         try:
             torch.save(obj, out)
         except RuntimeError:
+            if isinstance(out.error, KeyboardInterrupt):
+                raise out.error from None
             if out.error is not None:
                 raise OSError(out.error.errno, out.error.strerror, path) from None
             raise

@@ -84,7 +84,8 @@ class TaskConfig:
 class AlgoConfig:
     algo: str = _opt("vrpo", "vrpo: PPO + VIB value head + auxiliary entropy/perplexity heads; ppo: scalar value "
                              "head; grpo: no critic, group-relative advantages", choices=ALGOS)
-    beta: float = _opt(1e-3, "VIB: weight of the KL(q(z|h) || N(0, I)) term in the value loss")
+    beta: float = _opt(1e-2, "VIB: weight of the KL(q(z|h) || N(0, I)) term in the value loss (chosen by "
+                             "benchmarks/bench_critic.py: the sweep value whose KL lies in 1-5 nats/token)")
     latent_dim: int = _opt(64, "VIB: latent dimension")
     vib_logvar_init: float = _opt(-5.0, "VIB: initial logvar bias (sigma = exp(init / 2)): the latent starts "
                                         "informative and the KL term decides what it keeps")

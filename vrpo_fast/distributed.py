@@ -209,6 +209,8 @@ def optimizer_state(accelerator, prepared, optimizer) -> Optional[Dict[str, Any]
     get an empty dict)."""
     if not is_sharded(accelerator):
         return optimizer.state_dict()
+    if not _inner_optimizer(optimizer).state:  # never stepped (e.g. the policy's after the critic warm-up):
+        return {"never_stepped": True}  # torch's gather of an FSDP2 optimizer state needs a state to exist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     return get_optimizer_state_dict(accelerator.unwrap_model(prepared), _inner_optimizer(optimizer),
@@ -221,6 +223,8 @@ def load_optimizer_state(accelerator, prepared, optimizer, state: Dict[str, Any]
     if not is_sharded(accelerator):
         optimizer.load_state_dict(state)
         return
+    if state.get("never_stepped"):
+        return  # a fresh optimizer is what was saved
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(accelerator.unwrap_model(prepared), _inner_optimizer(optimizer), optim_state_dict=state,

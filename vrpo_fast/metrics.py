@@ -95,8 +95,11 @@ def plot_curves(metrics_path: str, out_path: str, *, title: str = "") -> Optiona
     panels = [
         ("reward", [("clean_reward", "clean (true)"), ("noisy_reward", "noisy (seen by the learner)")]),
         ("losses", [("policy_loss", "policy"), ("value_loss", "value (clipped MSE)"), ("critic_loss", "critic total")]),
-        ("critic regularisers / KL", [("vib_kl", "VIB KL"), ("ent_loss", "aux entropy"), ("ppl_loss", "aux NLL"),
-                                      ("kl_ref", "KL to reference")]),
+        ("critic regularisers / KL", [("vib_kl", "VIB KL (nats/token)"), ("ent_loss", "aux entropy"),
+                                      ("ppl_loss", "aux surprisal"), ("kl_ref", "KL to reference")]),
+        ("noise diagnostics", [("adv_clean_corr", "corr(adv, clean-reward adv)"),
+                               ("value_clean_corr", "corr(V_first, clean reward)"),
+                               ("value_noisy_corr", "corr(V_first, noisy reward)")]),
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
     for ax, (name, keys) in zip(axes, panels):

@@ -346,8 +346,8 @@ def aux_value_grad_ratio(run: Run, batch: Batch) -> float:
     model, no optimiser step): how much the auxiliary heads pull on the critic's features."""
     model = run.acc.unwrap_model(run.value_model)
     a, aux = run.cfg.algo, batch.aux
-    micro = torch.arange(min(batch.mask.shape[0], run.cfg.optim.mini_batch_size // run.acc.num_processes),
-                         device=batch.mask.device)
+    # the same few rows on every process and for every process count (so N processes log what one does)
+    micro = torch.arange(min(batch.mask.shape[0], 8), device=batch.mask.device)
     mb, m = batch.rollout.select(micro), batch.mask[micro]
     with run.acc.autocast():
         out = model(mb.input_ids, mb.attention_mask, response_mask=mb.response_mask, seed=0)

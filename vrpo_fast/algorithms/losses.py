@@ -385,8 +385,9 @@ def vrpo_value_loss(
     ``L_V`` is :func:`value_loss` (with ``values_mean`` and ``token_weights``); ``kl`` is the VIB
     head's KL, either already reduced (0-d tensor, e.g. ``ValueOutput.kl``) or per token [B, T] (then
     masked-mean reduced here); ``L_ent`` / ``L_ppl`` are :func:`aux_regression_loss` of the entropy /
-    surprisal head predictions against the frozen LM's per-token entropy / surprisal, the latter over
-    ``nll_mask`` (default ``mask``: the states where the target is defined). Any of ``kl``,
+    surprisal head predictions against the frozen LM's per-token entropy / surprisal, the latter with
+    zero error outside ``nll_mask`` (the states where its target is defined; default ``mask``), both
+    means over ``mask``'s tokens. Any of ``kl``,
     ``ent_pred``, ``nll_pred`` may be None: that term is skipped, so the PPO baseline calls this with
     all three None and gets :func:`value_loss`.
 
@@ -412,7 +413,11 @@ def vrpo_value_loss(
             continue
         if target is None:
             raise ValueError(f"{target_name} must be given when {pred_name} is given")
-        aux = aux_regression_loss(pred, target, m).to(loss.dtype)
+        if m is not mask:  # zero error where the target is undefined; still a mean over the response tokens,
+            # so the loss is a token mean over the mini-batch however it is split over processes
+            check_same_shape("mask", mask, "nll_mask", m)
+            pred = torch.where(m.bool(), pred, target.detach().to(pred.dtype))
+        aux = aux_regression_loss(pred, target, mask).to(loss.dtype)
         loss = loss + weight * aux
         stats[stat] = aux.detach()
     stats["critic_loss"] = loss.detach()
