@@ -10,9 +10,10 @@
 //   else:             adv[t] = ret[t] = 0   (next_v and run carried across unchanged)
 // with next_v = run = 0 after the last unmasked token (terminal).
 //
-// Whitening (optional): mean / unbiased variance over all unmasked advantages of the batch; each row
-// reports (count, mean, M2 about its own mean) from the first pass while the row is still in cache,
-// rows are merged in row order (Chan et al.), so the result does not depend on the thread count.
+// Whitening (optional): mean / unbiased variance over all unmasked advantages of the batch. Each row's
+// (count, mean, M2) is accumulated in float64 during the first pass (inside the SSE recursion on the
+// fast path, else in a sweep over the row just written, still in cache); rows are merged in row order
+// (Chan et al.), so the result does not depend on the thread count; a second sweep rescales.
 //
 // Arithmetic is in the input dtype (float32 like the Triton kernel and the usual PyTorch loops;
 // float64 for float64), in the same operation order on every path, without FMA contraction on x86.

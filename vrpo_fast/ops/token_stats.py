@@ -8,8 +8,10 @@ and an autograd formula below), so ``torch.compile(fullgraph=True)`` traces it:
 
 * CUDA: Triton kernels (:mod:`vrpo_fast.kernels.token_stats`) read the logits once in the forward and
   once more in the backward, which writes the gradient once (optionally over the logits buffer).
-* CPU: chunked PyTorch. Rows are processed in chunks small enough to stay in cache; no temporary
-  is larger than one chunk, so peak extra memory is O(chunk) (plus the gradient itself).
+* CPU: the C++ extension (``csrc/token_stats.cpp``) for fp32 / bf16 / fp16 logits: one read of the
+  logits forward (blockwise online max / sum-exp / sum p*x), one read and one gradient write backward,
+  vectorised, threads over rows. fp64 logits (or no extension): chunked PyTorch, rows in chunks small
+  enough to stay in cache, so peak extra memory is O(chunk) (plus the gradient itself).
 
 The forward saves only the per-row log-sum-exp (and entropy) for backward. Gradients, with
 ``p = softmax(x)``: ``d logp/dx = onehot - p``, ``dH/dx = -p (log p + H)``, chained with
