@@ -298,3 +298,24 @@ def test_gae_whitening_matches_float64_across_threads_and_masks(B, T):
             got, _ = with_threads(threads, lambda: gae(r, v, m, gamma=0.99, lam=0.95, whiten=True, shift_mean=False))
             want_ns, _ = gae(r64, v64, mask, gamma=0.99, lam=0.95, whiten=True, shift_mean=False)
             torch.testing.assert_close(got.double(), want_ns, rtol=1e-4, atol=1e-4)
+
+
+def test_missing_extension_warns_once_and_falls_back(monkeypatch):
+    monkeypatch.setattr(cpu_ext, "_load", lambda attr: (None, "ImportError: test"))
+    monkeypatch.setattr(cpu_ext, "_warned", set())
+    mu, logvar, gz, gkl = _vib_inputs(4, 8)
+    logits, labels = torch.randn(3, 20), torch.tensor([1, 2, 3])
+    with pytest.warns(RuntimeWarning, match="vib_sample_kl falls back"):
+        z, _ = vib_sample_kl(mu, logvar, seed=7)
+    with pytest.warns(RuntimeWarning, match="token_logprobs_entropy falls back"):
+        lp, _ = token_logprobs_entropy(logits, labels)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per op: no second warning
+        z2, _ = vib_sample_kl(mu, logvar, seed=7)
+        token_logprobs_entropy(logits, labels)
+    assert torch.equal(z, z2)
+    monkeypatch.undo()
+    z_cpp, _ = vib_sample_kl(mu, logvar, seed=7)
+    torch.testing.assert_close(z_cpp, z, rtol=1e-5, atol=1e-5)  # same stream through the C++ path
