@@ -240,9 +240,6 @@ void gae_rows4_sse(const Problem& p, int64_t b0, Flags& flags, RowStats* stats) 
             ret[o] = rv;
         }
     }
-    // With whitening, the advantages are read once more; non-temporal stores for the returns (16-byte
-    // aligned rows only) leave the cache to them.
-    const bool stream_ret = STATS && (T % 4 == 0) && (reinterpret_cast<uintptr_t>(ret) % 16 == 0);
     // Statistics: float lanes over at most kFlush tiles (64 values per lane: rounding error ~1e-6 of
     // the block sum), then added into float64 accumulators.
     constexpr int kFlush = 16;
@@ -314,19 +311,11 @@ void gae_rows4_sse(const Problem& p, int64_t b0, Flags& flags, RowStats* stats) 
         _mm_storeu_ps(adv + T + t0, a1);
         _mm_storeu_ps(adv + 2 * T + t0, a2);
         _mm_storeu_ps(adv + 3 * T + t0, a3);
-        if (STATS && stream_ret) {  // returns are not read again: keep the cache for the advantages
-            _mm_stream_ps(ret + t0, x0);
-            _mm_stream_ps(ret + T + t0, x1);
-            _mm_stream_ps(ret + 2 * T + t0, x2);
-            _mm_stream_ps(ret + 3 * T + t0, x3);
-        } else {
-            _mm_storeu_ps(ret + t0, x0);
-            _mm_storeu_ps(ret + T + t0, x1);
-            _mm_storeu_ps(ret + 2 * T + t0, x2);
-            _mm_storeu_ps(ret + 3 * T + t0, x3);
-        }
+        _mm_storeu_ps(ret + t0, x0);
+        _mm_storeu_ps(ret + T + t0, x1);
+        _mm_storeu_ps(ret + 2 * T + t0, x2);
+        _mm_storeu_ps(ret + 3 * T + t0, x3);
     }
-    if (STATS && stream_ret) _mm_sfence();
     if (STATS) flush();
     if (STATS) {
         alignas(16) int32_t masked_steps[4];
