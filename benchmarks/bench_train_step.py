@@ -23,7 +23,8 @@ RSS of one full step in a fresh process (after a warm-up step there).
 
 Precision: a variant name may carry ``-fp32`` or ``-bf16`` (``fused-bf16``): bf16 autocast with fp32
 master weights and a bf16 reference, as the trainer runs ``--mixed-precision bf16``; without a suffix
-the device's default (bf16 on CUDA, fp32 on CPU). ``--variants`` picks them (default ``fused,plain``;
+the device's default (bf16 on CUDA, fp32 on CPU). ``-attn32`` at the end (``fused-bf16-attn32``) runs
+the models' SDPA in fp32 on CPU (:func:`vrpo_fast.precision.use_fp32_attention`). ``--variants`` picks them (default ``fused,plain``;
 ``fused,fused-bf16`` for ``--config smollm2``).
 
 Against the machine: every phase's model FLOPs (:mod:`vrpo_fast.flops`, counted from the model config
@@ -59,7 +60,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    cpu_peak_extra_bytes, fmt_bytes, machine, markdown_table, measure_matmul_tflops, pct_of,
+    cpu_peak_extra_bytes, fmt_bytes, machine, markdown_table, measure_copy_gbps, measure_matmul_tflops, pct_of,
 )
 
 from vrpo_fast.algorithms.advantages import gae_advantages, token_level_rewards  # noqa: E402
@@ -156,18 +157,22 @@ def make_prompts(n: int, chars: int, seed: int):
 
 
 def parse_variant(name: str):
-    """``"fused"`` / ``"plain"``, optionally ``-fp32`` / ``-bf16``: ``(ops, precision or None)``."""
-    ops, _, precision = name.partition("-")
-    if ops not in VARIANTS or precision not in ("", "fp32", "bf16"):
-        raise ValueError(f"a variant is fused or plain, optionally with -fp32 / -bf16 (e.g. fused-bf16), got {name!r}")
-    return ops, precision or None
+    """``"fused"`` / ``"plain"``, optionally ``-fp32`` / ``-bf16``, optionally ``-attn32`` (SDPA in fp32
+    on CPU, :func:`vrpo_fast.precision.use_fp32_attention`): ``(ops, precision or None, attn32)``."""
+    ops, *rest = name.split("-")
+    attn32 = bool(rest) and rest[-1] == "attn32"
+    rest = rest[:-1] if attn32 else rest
+    if ops not in VARIANTS or len(rest) > 1 or (rest and rest[0] not in ("fp32", "bf16")):
+        raise ValueError(f"a variant is fused or plain, optionally with -fp32 / -bf16, then optionally -attn32 "
+                         f"(e.g. fused-bf16-attn32), got {name!r}")
+    return ops, (rest[0] if rest else None), attn32
 
 
 class TrainStep:
     """Models, optimisers and one instrumented RL step for one variant."""
 
-    def __init__(self, cfg: StepConfig, variant: str, device: str, seed: int = 0):
-        ops, precision = parse_variant(variant)
+    def __init__(self, cfg: StepConfig, variant: str, device: str, seed: int = 0, fused_adamw: bool = False):
+        ops, precision, attn32 = parse_variant(variant)
         self.cfg, self.variant, self.device = cfg, variant, torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.precision = precision or ("bf16" if self.cuda else "fp32")
@@ -184,6 +189,11 @@ class TrainStep:
         bf16 = self.precision == "bf16"
         if bf16:
             ref_lm.to(torch.bfloat16)  # as the trainer does under bf16 mixed precision
+        if attn32:
+            from vrpo_fast.precision import use_fp32_attention
+
+            for model in (policy_lm, ref_lm, value_model):
+                use_fp32_attention(model)
         self.fused = ops == "fused"
         self.policy_lm = policy_lm.to(self.device)
         self.policy = TokenScorer(self.policy_lm, fused=self.fused)
@@ -191,8 +201,9 @@ class TrainStep:
         self.value_model = value_model.to(self.device)
         self.value_head_params = sum(m.weight.numel() for name, m in self.value_model.named_modules()
                                      if isinstance(m, torch.nn.Linear) and not name.startswith("backbone"))
-        self.policy_opt = torch.optim.AdamW(self.policy.parameters(), lr=1e-6, weight_decay=0.0)
-        self.value_opt = torch.optim.AdamW(self.value_model.parameters(), lr=1e-6, weight_decay=0.0)
+        adamw = dict(lr=1e-6, weight_decay=0.0, **({"fused": True} if fused_adamw else {}))
+        self.policy_opt = torch.optim.AdamW(self.policy.parameters(), **adamw)
+        self.value_opt = torch.optim.AdamW(self.value_model.parameters(), **adamw)
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
         self.seed = seed
         self.shape = DecoderShape.from_config(self.policy_lm.config)
@@ -289,10 +300,10 @@ class TrainStep:
         return times, int(rollout.attention_mask.sum()), flops
 
 
-def make_cpu_step(cfg_dict: dict, variant: str, threads: int):
+def make_cpu_step(cfg_dict: dict, variant: str, threads: int, fused_adamw: bool = False):
     """Module-level (picklable) builder for ``cpu_peak_extra_bytes``: warm-up step, then one step."""
     torch.set_num_threads(threads)
-    bench = TrainStep(StepConfig(**cfg_dict), variant, "cpu")
+    bench = TrainStep(StepConfig(**cfg_dict), variant, "cpu", fused_adamw=fused_adamw)
     bench.run(0)  # optimiser states exist before the measurement, as in a long run
     return lambda: bench.run(1)
 
@@ -315,9 +326,9 @@ def _summary(bench, runs):
             "params": sum(p.numel() for p in bench.policy_lm.parameters())}
 
 
-def measure_cuda(cfg: StepConfig, variant: str, device: str, steps: int):
+def measure_cuda(cfg: StepConfig, variant: str, device: str, steps: int, fused_adamw: bool = False):
     """One variant at a time, so that each has the allocator (and its peak statistics) to itself."""
-    bench = TrainStep(cfg, variant, device)
+    bench = TrainStep(cfg, variant, device, fused_adamw=fused_adamw)
     bench.run(0)  # warm-up: kernels compiled / autotuned, optimiser states allocated
     torch.cuda.synchronize()
     resident = torch.cuda.memory_allocated()
@@ -331,9 +342,9 @@ def measure_cuda(cfg: StepConfig, variant: str, device: str, steps: int):
     return out
 
 
-def measure_cpu(cfg: StepConfig, variants, steps: int, profile: bool = False):
+def measure_cpu(cfg: StepConfig, variants, steps: int, profile: bool = False, fused_adamw: bool = False):
     """All variants in one process, steps interleaved, so that load from other processes hits them alike."""
-    benches = {v: TrainStep(cfg, v, "cpu") for v in variants}
+    benches = {v: TrainStep(cfg, v, "cpu", fused_adamw=fused_adamw) for v in variants}
     for b in benches.values():
         b.run(0)
     runs = {v: [] for v in variants}
@@ -412,7 +423,7 @@ def measure_gemm_rates(device, mlp_shape=None) -> dict:
     """GFLOP/s: ``{"fp32", "bf16"}`` best of square ``torch.mm`` n = 512 and 1024 (median of 3 each,
     ``_common.measure_matmul_tflops``); with ``mlp_shape = (m, k, n)`` also ``{"fp32_mlp", "bf16_mlp"}``,
     a GEMM of the model's own MLP shape (best of 3)."""
-    out = {}
+    out = {"copy_gbps": measure_copy_gbps(device, 256 << 20) if torch.device(device).type == "cpu" else 0.0}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         out[name] = max(measure_matmul_tflops(device, dtype, n=n) * 1e3 for n in (512, 1024))
         if mlp_shape is not None and torch.device(device).type == "cpu":
@@ -441,6 +452,17 @@ def _saving(fused: float, plain: float) -> str:
     if plain <= 0 or fused <= 0:
         return "-"
     return f"fused {(1 - fused / plain) * 100:.0f}% less" if fused <= plain else f"fused {fused / plain:.2f}x more"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU model"
 
 
 def _ratio(a: float, b: float) -> str:
@@ -491,6 +513,8 @@ def main(argv=None):
                     help="comma-separated: fused, plain, optionally -fp32 / -bf16 (default fused,plain; "
                          "fused,fused-bf16 for --config smollm2)")
     ap.add_argument("--profile", action="store_true", help="one more step per variant under torch.profiler (CPU)")
+    ap.add_argument("--fused-adamw", action="store_true",
+                    help="torch.optim.AdamW(fused=True) for every variant (default: AdamW's default, as the trainer)")
     ap.add_argument("--no-memory", action="store_true", help="CPU: skip the fresh-process peak-memory runs")
     args = ap.parse_args(argv)
 
@@ -525,20 +549,26 @@ def main(argv=None):
         mlp = (cfg.batch * (cfg.prompt_chars + 8 + cfg.new_tokens), cfg.hidden_size, cfg.intermediate_size)
     rates = measure_gemm_rates(device, mlp) if cpu else None
     if device.type == "cuda":
-        results = {v: measure_cuda(cfg, v, args.device, steps) for v in variants}
+        results = {v: measure_cuda(cfg, v, args.device, steps, args.fused_adamw) for v in variants}
     else:
-        results = measure_cpu(cfg, variants, steps, profile=args.profile)
+        results = measure_cpu(cfg, variants, steps, profile=args.profile, fused_adamw=args.fused_adamw)
         rates = _max_rates(rates, measure_gemm_rates(device, mlp))
     if cpu and not args.no_memory:
         for v in variants:
             results[v]["peak_extra"] = cpu_peak_extra_bytes(make_cpu_step, dataclasses.asdict(cfg), v,
-                                                            torch.get_num_threads())
+                                                            torch.get_num_threads(), args.fused_adamw)
 
     vocab = cfg.vocab_size or len(build_tokenizer(0))
     first = results[variants[0]]
     n_params = first["params"]
     print(f"## One VRPO training step, phase by phase ({args.config}): {' vs '.join(variants)}\n")
     print(f"machine: {machine()}")
+    if cpu:
+        from vrpo_fast.precision import choose_cpu_mixed_precision, cpu_bf16_flags
+
+        flags = cpu_bf16_flags()
+        print(f"cpu: {_cpu_model()}; native bf16: {'+'.join(flags) if flags else 'none' if flags == () else 'unknown'}; "
+              f"choose_cpu_mixed_precision(): {choose_cpu_mixed_precision().mixed_precision!r}")
     print(f"date: {date}")
     print(f"device: {args.device}" + (" (bf16 autocast, fp32 master weights, bf16 reference)" if device.type == "cuda"
                                        else " (variants without -bf16: fp32; -bf16: bf16 autocast, fp32 master "
@@ -548,7 +578,8 @@ def main(argv=None):
           f"{cfg.num_heads}/{cfg.num_kv_heads} heads, mlp {cfg.intermediate_size}"
           f", {n_params / 1e6:.2f}M params (tied embeddings)")
     print(f"step: {cfg.batch} rollouts x <= {cfg.new_tokens} new tokens (prompt ~{cfg.prompt_chars + 1} chars), "
-          f"micro-batch {cfg.micro_batch}, 1 PPO epoch; median of {steps} steps after 1 warm-up step; "
+          f"micro-batch {cfg.micro_batch}, 1 PPO epoch, AdamW{' (fused=True)' if args.fused_adamw else ''}; "
+          f"median of {steps} steps after 1 warm-up step; "
           f"{first['tokens']:.0f} tokens/step\n")
     base = variants[0]
     ratio_headers = [f"{base} / {v}" if "plain" not in v else f"{v} / {base}" for v in variants[1:]]
@@ -592,6 +623,11 @@ def main(argv=None):
               f"{rates['bf16'] / rates['fp32']:.1f}x; square n = 512 / 1024); at the model's MLP shape "
               f"[{mlp[0]} x {mlp[1]}] @ [{mlp[1]} x {mlp[2]}]: fp32 {rates['fp32_mlp']:.0f}, bf16 "
               f"{rates['bf16_mlp']:.0f} GFLOP/s\n")
+        bw = rates["copy_gbps"]
+        print(f"Copy bandwidth (256 MiB, read + write): {bw:.1f} GB/s. A decode step of generate streams every weight "
+              f"once for {cfg.batch} rows (2 x {cfg.batch} FLOPs per weight): when the weights do not fit in cache it "
+              f"is bound at ~{2 * cfg.batch / 4 * bw:.0f} GFLOP/s with fp32 weights, ~{2 * cfg.batch / 2 * bw:.0f} with "
+              f"bf16 ones (autocast caches one bf16 copy per generate), whatever the GEMM rate.\n")
         print(machine_table(results, variants, rates))
         if args.profile:
             for v in variants:

@@ -237,3 +237,46 @@ def test_bf16_autocast_scoring_on_cpu_is_close_to_fp32_on_the_real_model():
         # sequence log-probs (what the KL penalty adds up), <= 24 tokens: within 1 nat (measured <= 0.27)
         seq_err = ((lp.double() - fp32[0].double()) * mask.double()).sum(1).abs()
         assert seq_err.max() < 1.0, (name, seq_err)
+
+
+def test_fp32_attention_on_cpu_matches_sdpa_in_fp32_and_refuses_other_kernels():
+    """use_fp32_attention: fp32 models are unchanged bit for bit; under bf16 autocast the attention runs
+    in fp32 (the same as SDPA on the fp32-upcast q / k / v), so the logits move towards fp32's."""
+    from vrpo_fast.precision import FP32_CPU_ATTENTION, use_fp32_attention
+
+    torch.manual_seed(0)
+    ids = torch.randint(3, TINY.vocab, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding
+    sdpa = _tiny_llama()
+    sdpa.config._attn_implementation = "sdpa"
+    with torch.no_grad():
+        ref = sdpa(input_ids=ids, attention_mask=mask).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = sdpa(input_ids=ids, attention_mask=mask).logits.float()
+        use_fp32_attention(sdpa)
+        assert {m.config._attn_implementation for m in sdpa.modules() if hasattr(m, "config")} == {FP32_CPU_ATTENTION}
+        assert torch.equal(sdpa(input_ids=ids, attention_mask=mask).logits, ref)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = sdpa(input_ids=ids, attention_mask=mask).logits.float()
+    assert (low - ref).abs().max() > 1e-4 and (mixed - ref).abs().max() > 1e-4  # bf16 did run
+    torch.testing.assert_close(mixed, ref, rtol=0, atol=0.1)
+    # the attention itself: bf16 q / k / v under autocast give SDPA of their fp32 upcasts, rounded once
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from vrpo_fast.precision import _sdpa_fp32_on_cpu
+
+    layer = sdpa.model.layers[0].self_attn
+    q, k, v = (torch.randn(2, h, 7, TINY.head_dim).to(torch.bfloat16) for h in (TINY.heads, TINY.kv_heads,
+                                                                                  TINY.kv_heads))
+    causal = torch.ones(7, 7, dtype=torch.bool).tril()[None, None].expand(2, 1, 7, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = _sdpa_fp32_on_cpu(layer, q, k, v, causal, dropout=0.0, scaling=TINY.head_dim ** -0.5)
+    want, _ = sdpa_attention_forward(layer, q.float(), k.float(), v.float(), causal, dropout=0.0,
+                                     scaling=TINY.head_dim ** -0.5)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, want.to(torch.bfloat16))
+    with pytest.raises(ValueError, match="replaces SDPA attention; .* uses 'eager'"):
+        use_fp32_attention(_tiny_llama())
+    with pytest.raises(ValueError, match="holds no transformers model"):
+        use_fp32_attention(torch.nn.Linear(2, 2))
