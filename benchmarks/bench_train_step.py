@@ -24,8 +24,8 @@ RSS of one full step in a fresh process (after a warm-up step there).
 Precision: a variant name may carry ``-fp32`` or ``-bf16`` (``fused-bf16``): bf16 autocast with fp32
 master weights and a bf16 reference, as the trainer runs ``--mixed-precision bf16``; without a suffix
 the device's default (bf16 on CUDA, fp32 on CPU). ``-attn32`` at the end (``fused-bf16-attn32``) runs
-the models' SDPA in fp32 on CPU (:func:`vrpo_fast.precision.use_fp32_attention`). ``--variants`` picks them (default ``fused,plain``;
-``fused,fused-bf16`` for ``--config smollm2``).
+the models' SDPA in fp32 on CPU (:func:`vrpo_fast.precision.use_fp32_attention`). ``--variants``
+picks them (default ``fused,plain``; ``fused,fused-bf16`` for ``--config smollm2``).
 
 Against the machine: every phase's model FLOPs (:mod:`vrpo_fast.flops`, counted from the model config
 and the step's actual shapes: prompt columns, generated columns) and its achieved GFLOP/s as a
@@ -567,7 +567,8 @@ def main(argv=None):
         from vrpo_fast.precision import choose_cpu_mixed_precision, cpu_bf16_flags
 
         flags = cpu_bf16_flags()
-        print(f"cpu: {_cpu_model()}; native bf16: {'+'.join(flags) if flags else 'none' if flags == () else 'unknown'}; "
+        native = "+".join(flags) if flags else "none" if flags == () else "unknown"
+        print(f"cpu: {_cpu_model()}; native bf16: {native}; "
               f"choose_cpu_mixed_precision(): {choose_cpu_mixed_precision().mixed_precision!r}")
     print(f"date: {date}")
     print(f"device: {args.device}" + (" (bf16 autocast, fp32 master weights, bf16 reference)" if device.type == "cuda"
@@ -626,7 +627,8 @@ def main(argv=None):
         bw = rates["copy_gbps"]
         print(f"Copy bandwidth (256 MiB, read + write): {bw:.1f} GB/s. A decode step of generate streams every weight "
               f"once for {cfg.batch} rows (2 x {cfg.batch} FLOPs per weight): when the weights do not fit in cache it "
-              f"is bound at ~{2 * cfg.batch / 4 * bw:.0f} GFLOP/s with fp32 weights, ~{2 * cfg.batch / 2 * bw:.0f} with "
+              f"is bound at ~{2 * cfg.batch / 4 * bw:.0f} GFLOP/s with fp32 weights, ~{2 * cfg.batch / 2 * bw:.0f} "
+              f"with "
               f"bf16 ones (autocast caches one bf16 copy per generate), whatever the GEMM rate.\n")
         print(machine_table(results, variants, rates))
         if args.profile:
