@@ -109,17 +109,21 @@ def rl_step(run: Run, step: int) -> Dict[str, Any]:
     # uninterrupted one did, whatever happened before (evaluation, a restart)
     seed_everything(derived_seed(cfg.run.seed, 2, step, acc.process_index))
 
-    batch = collect_batch(run, step)              # 1-4. rollout, clean reward, pi_old / ref / V_old, noise
-    batch.advantages, batch.returns = compute_advantages(run, batch, batch.noisy_reward)  # 5. advantages
-    batch.aux = critic_targets(run, batch)          # the frozen LM's entropy / surprisal for the critic
-    stats = ppo_update(run, step, batch)                                             # 6. updates
+    # 1-4. rollouts, their clean reward, log pi_old / the reference's statistics / V_old, the noisy reward
+    batch = collect_batch(run, step)
+    # 5. advantages from the noisy reward; the frozen LM's entropy / surprisal for the critic
+    batch.advantages, batch.returns = compute_advantages(run, batch, batch.noisy_reward)
+    batch.aux = critic_targets(run, batch)
+    # 6. PPO updates of the policy and the critic
+    stats = ppo_update(run, step, batch)
     run.policy_sched.step()
     if run.has_critic:
         run.value_sched.step()
+    # 7. metrics, with the diagnostics of how much noise the critic let through (they use the clean reward)
     t_diag = time.time()
-    stats.update(diagnostics(run, step, batch))     # does the critic absorb the noise? (uses the clean reward)
+    stats.update(diagnostics(run, step, batch))
     stats["diagnostics_time_s"] = time.time() - t_diag
-    return step_record(run, step, batch, stats, time.time() - t0)                    # 7. metrics
+    return step_record(run, step, batch, stats, time.time() - t0)
 
 
 def sample_rollouts(run: Run, step: int, stream: int = 2):
