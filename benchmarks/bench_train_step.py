@@ -23,9 +23,12 @@ RSS of one full step in a fresh process (after a warm-up step there).
 
 Precision: a variant name may carry ``-fp32`` or ``-bf16`` (``fused-bf16``): bf16 autocast with fp32
 master weights and a bf16 reference, as the trainer runs ``--mixed-precision bf16``; without a suffix
-the device's default (bf16 on CUDA, fp32 on CPU). ``-attn32`` at the end (``fused-bf16-attn32``) runs
-the models' SDPA in fp32 on CPU (:func:`vrpo_fast.precision.use_fp32_attention`). ``--variants``
-picks them (default ``fused,plain``; ``fused,fused-bf16`` for ``--config smollm2``).
+the device's default (bf16 on CUDA, fp32 on CPU). ``-attn32`` next (``fused-bf16-attn32``) runs the
+models' SDPA in fp32 on CPU (:func:`vrpo_fast.precision.use_fp32_attention`); ``-wcache`` last keeps
+bf16 copies of the policy's and critic's weights until their optimiser steps
+(:func:`vrpo_fast.precision.cache_low_precision_weights`) instead of autocast casting them again in
+every autocast region. ``--variants`` picks them (default ``fused,plain``; ``fused,fused-bf16`` for
+``--config smollm2``).
 
 Against the machine: every phase's model FLOPs (:mod:`vrpo_fast.flops`, counted from the model config
 and the step's actual shapes: prompt columns, generated columns) and its achieved GFLOP/s as a
@@ -158,21 +161,25 @@ def make_prompts(n: int, chars: int, seed: int):
 
 def parse_variant(name: str):
     """``"fused"`` / ``"plain"``, optionally ``-fp32`` / ``-bf16``, optionally ``-attn32`` (SDPA in fp32
-    on CPU, :func:`vrpo_fast.precision.use_fp32_attention`): ``(ops, precision or None, attn32)``."""
+    on CPU, :func:`vrpo_fast.precision.use_fp32_attention`), optionally ``-wcache`` (bf16 weight copies
+    kept across autocast regions, :func:`vrpo_fast.precision.cache_low_precision_weights`):
+    ``(ops, precision or None, attn32, wcache)``."""
     ops, *rest = name.split("-")
+    wcache = bool(rest) and rest[-1] == "wcache"
+    rest = rest[:-1] if wcache else rest
     attn32 = bool(rest) and rest[-1] == "attn32"
     rest = rest[:-1] if attn32 else rest
     if ops not in VARIANTS or len(rest) > 1 or (rest and rest[0] not in ("fp32", "bf16")):
-        raise ValueError(f"a variant is fused or plain, optionally with -fp32 / -bf16, then optionally -attn32 "
-                         f"(e.g. fused-bf16-attn32), got {name!r}")
-    return ops, (rest[0] if rest else None), attn32
+        raise ValueError(f"a variant is fused or plain, optionally with -fp32 / -bf16, then optionally -attn32, "
+                         f"then optionally -wcache (e.g. fused-bf16-attn32-wcache), got {name!r}")
+    return ops, (rest[0] if rest else None), attn32, wcache
 
 
 class TrainStep:
     """Models, optimisers and one instrumented RL step for one variant."""
 
     def __init__(self, cfg: StepConfig, variant: str, device: str, seed: int = 0, fused_adamw: bool = False):
-        ops, precision, attn32 = parse_variant(variant)
+        ops, precision, attn32, wcache = parse_variant(variant)
         self.cfg, self.variant, self.device = cfg, variant, torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.precision = precision or ("bf16" if self.cuda else "fp32")
@@ -204,6 +211,11 @@ class TrainStep:
         adamw = dict(lr=1e-6, weight_decay=0.0, **({"fused": True} if fused_adamw else {}))
         self.policy_opt = torch.optim.AdamW(self.policy.parameters(), **adamw)
         self.value_opt = torch.optim.AdamW(self.value_model.parameters(), **adamw)
+        if wcache:
+            from vrpo_fast.precision import cache_low_precision_weights
+
+            cache_low_precision_weights(self.policy_lm, [self.policy_opt])
+            cache_low_precision_weights(self.value_model, [self.value_opt])
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
         self.seed = seed
         self.shape = DecoderShape.from_config(self.policy_lm.config)

@@ -280,3 +280,37 @@ def test_fp32_attention_on_cpu_matches_sdpa_in_fp32_and_refuses_other_kernels():
         use_fp32_attention(_tiny_llama())
     with pytest.raises(ValueError, match="holds no transformers model"):
         use_fp32_attention(torch.nn.Linear(2, 2))
+
+
+def test_cached_low_precision_weights_equal_autocast_bit_for_bit_across_optimizer_steps():
+    """Two micro-batches, a fused AdamW step (which does not bump the weights' version counters), two
+    more: the cached bf16 weights give plain autocast's logits and gradients exactly, and are refreshed
+    after the step."""
+    import copy
+
+    from vrpo_fast.precision import cache_low_precision_weights
+
+    plain = _tiny_llama().train()
+    cached = copy.deepcopy(plain)
+    opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True) for name, m in (("p", plain),
+                                                                                           ("c", cached))}
+    assert cache_low_precision_weights(cached, [opts["c"]]) == 2 * 7 + 1  # 7 per layer + lm_head
+    ids = torch.randint(3, TINY.vocab, (4, 6))
+    for step in range(2):
+        for rows in (slice(0, 2), slice(2, 4)):
+            outs = {}
+            for name, m in (("p", plain), ("c", cached)):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    logits = m(input_ids=ids[rows]).logits
+                logits.float().square().mean().backward()
+                outs[name] = logits
+            assert torch.equal(outs["p"], outs["c"]), step
+        for (n, a), b in zip(plain.named_parameters(), cached.parameters()):
+            assert torch.equal(a.grad, b.grad), (step, n)
+        for opt in opts.values():
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    with torch.no_grad():  # outside autocast: the fp32 weights, untouched
+        assert torch.equal(plain(input_ids=ids).logits, cached(input_ids=ids).logits)
+    with pytest.raises(ValueError, match="has no nn.Linear"):
+        cache_low_precision_weights(torch.nn.ReLU())

@@ -151,5 +151,71 @@ def use_fp32_attention(model):
     return model
 
 
+class _LowPrecisionWeight(torch.autograd.Function):
+    """The cached low-precision copy of a weight, with autocast's gradient: cast back to the weight's dtype."""
+
+    @staticmethod
+    def forward(ctx, weight, low):
+        ctx.weight_dtype = weight.dtype
+        return low.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.weight_dtype), None
+
+
+_WEIGHT_GENERATION = [0]  # bumped after every step of an optimizer given to cache_low_precision_weights
+
+
+def _low_weight(module, weight, dtype):
+    key = (weight._version, weight.data_ptr(), dtype, _WEIGHT_GENERATION[0])
+    cached = module.__dict__.get("_vrpo_low_weight")
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, weight.detach().to(dtype))
+        module.__dict__["_vrpo_low_weight"] = cached
+    if torch.is_grad_enabled() and weight.requires_grad:
+        return _LowPrecisionWeight.apply(weight, cached[1])
+    return cached[1]
+
+
+def _cached_linear_forward(self, x):
+    if (x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and self.weight.dtype == torch.float32
+            and torch.get_autocast_dtype("cpu") in (torch.bfloat16, torch.float16)):
+        return torch.nn.functional.linear(x, _low_weight(self, self.weight, torch.get_autocast_dtype("cpu")),
+                                          self.bias)
+    return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+def cache_low_precision_weights(model, optimizers=()):
+    """Under CPU autocast, cast each ``nn.Linear`` weight of ``model`` to the autocast dtype once and reuse
+    it until the weight changes, instead of once per autocast region (autocast's own cache lives for one
+    region: the rollout, the scoring, every micro-batch each cast all weights again).
+
+    The copy is refreshed when the weight's version counter or storage changes, and after every
+    ``step()`` of each optimizer in ``optimizers`` (give the optimizers that update ``model``: fused
+    AdamW updates weights in place without bumping their version counter). Values and gradients are
+    those of plain autocast, bit for bit (the same rounding of the same weight, the same matmul, the
+    gradient cast back to fp32). Costs one low-precision copy of the weights in memory. Only plain
+    ``nn.Linear`` modules are switched (not LoRA-wrapped or sharded ones). Returns the number switched.
+    """
+    import types
+
+    switched = 0
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.forward = types.MethodType(_cached_linear_forward, module)
+            switched += 1
+    if not switched:
+        raise ValueError(f"cache_low_precision_weights: {type(model).__name__} has no nn.Linear")
+
+    def bump(*_):
+        _WEIGHT_GENERATION[0] += 1
+
+    for opt in optimizers:
+        opt.register_step_post_hook(bump)
+    return switched
+
+
 __all__ = ["NATIVE_BF16_FLAGS", "PrecisionChoice", "cpu_bf16_flags", "measure_cpu_gemm_gflops",
-           "choose_cpu_mixed_precision", "FP32_CPU_ATTENTION", "use_fp32_attention"]
+           "choose_cpu_mixed_precision", "FP32_CPU_ATTENTION", "use_fp32_attention", "cache_low_precision_weights"]
