@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -351,6 +352,35 @@ void parallel_for(int64_t n, int n_threads, int64_t multiple, Fn&& fn) {
     }
     for (int i = started; i < n_threads; ++i) fn(std::min(n, i * per), std::min(n, (i + 1) * per), i);
     fn(int64_t(0), std::min(n, per), 0);
+    for (auto& w : workers) w.join();
+}
+
+// Run fn(begin, end) over [0, n) in chunks of `chunk` claimed from a shared counter by n_threads
+// threads (the caller is one of them): on a shared machine a thread whose core is busy simply claims
+// fewer chunks instead of holding everyone up. fn must be independent per index (no per-thread state).
+template <typename Fn>
+void parallel_for_dynamic(int64_t n, int n_threads, int64_t chunk, Fn&& fn) {
+    chunk = std::max<int64_t>(1, chunk);
+    if (n_threads <= 1 || n <= chunk) {
+        fn(int64_t(0), n);
+        return;
+    }
+    std::atomic<int64_t> next{0};
+    const auto work = [&]() {
+        for (;;) {
+            const int64_t lo = next.fetch_add(chunk, std::memory_order_relaxed);
+            if (lo >= n) return;
+            fn(lo, std::min(n, lo + chunk));
+        }
+    };
+    std::vector<std::thread> workers;
+    workers.reserve(n_threads - 1);
+    try {
+        for (int i = 1; i < n_threads; ++i) workers.emplace_back(work);
+    } catch (const std::system_error&) {
+        // Fewer threads: the others (and the caller) take the remaining chunks.
+    }
+    work();
     for (auto& w : workers) w.join();
 }
 

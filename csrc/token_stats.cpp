@@ -218,9 +218,12 @@ VRPO_MULTIVERSION void backward_rows(const BwdArgs& a, int64_t lo, int64_t hi) {
 
 constexpr int64_t kMinElementsPerThread = 1 << 16;
 
+// Rows per claimed chunk: ~1 MiB of fp32 logits, so claims are rare but a slowed thread costs little.
+inline int64_t rows_per_chunk(int64_t V) { return std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(V, 1)); }
+
 template <typename T>
 void run_forward(const FwdArgs& a, int n_threads) {
-    parallel_for(a.N, n_threads, 1, [&](int64_t lo, int64_t hi, int) {
+    parallel_for_dynamic(a.N, n_threads, rows_per_chunk(a.V), [&](int64_t lo, int64_t hi) {
         if (a.entropy)
             forward_rows<T, true>(a, lo, hi);
         else
@@ -231,7 +234,7 @@ void run_forward(const FwdArgs& a, int n_threads) {
 template <typename T>
 void run_backward(const BwdArgs& a, bool inplace, int n_threads) {
     const bool ent = a.grad_h != nullptr;
-    parallel_for(a.N, n_threads, 1, [&](int64_t lo, int64_t hi, int) {
+    parallel_for_dynamic(a.N, n_threads, rows_per_chunk(a.V), [&](int64_t lo, int64_t hi) {
         if (inplace) {
             if (ent) backward_rows<T, T, true, true>(a, lo, hi);
             else backward_rows<T, T, true, false>(a, lo, hi);

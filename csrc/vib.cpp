@@ -151,7 +151,9 @@ VRPO_MULTIVERSION void vib_backward_rows(const VibArgs& a, int64_t lo, int64_t h
 
 template <typename T>
 void run(const VibArgs& a, bool backward, int n_threads) {
-    parallel_for(a.rows, n_threads, 1, [&](int64_t lo, int64_t hi, int) {
+    // Chunks of ~64K elements claimed dynamically (a thread on a busy core takes fewer).
+    const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 16) / a.L);
+    parallel_for_dynamic(a.rows, n_threads, chunk, [&](int64_t lo, int64_t hi) {
         if (backward) {
             if (a.grad_z) vib_backward_rows<T, true>(a, lo, hi);
             else vib_backward_rows<T, false>(a, lo, hi);
