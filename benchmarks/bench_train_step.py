@@ -354,16 +354,24 @@ def measure_cuda(cfg: StepConfig, variant: str, device: str, steps: int, fused_a
     return out
 
 
-def measure_cpu(cfg: StepConfig, variants, steps: int, profile: bool = False, fused_adamw: bool = False):
-    """All variants in one process, steps interleaved, so that load from other processes hits them alike."""
+def measure_cpu(cfg: StepConfig, variants, steps: int, profile: bool = False, fused_adamw: bool = False,
+                thread_sweep=()):
+    """All variants in one process, steps interleaved, so that load from other processes hits them alike.
+
+    ``thread_sweep`` (thread counts): every variant's step runs once at each count in turn, reported as
+    ``"variant@Nt"``."""
     benches = {v: TrainStep(cfg, v, "cpu", fused_adamw=fused_adamw) for v in variants}
     for b in benches.values():
         b.run(0)
-    runs = {v: [] for v in variants}
+    threads = torch.get_num_threads()
+    names = {(v, t): f"{v}@{t}t" if thread_sweep else v for v in variants for t in (thread_sweep or (threads,))}
+    runs = {name: [] for name in names.values()}
     for s in range(1, steps + 1):
-        for v in variants:
-            runs[v].append(benches[v].run(s))
-    out = {v: _summary(benches[v], runs[v]) for v in variants}
+        for (v, t), name in names.items():
+            torch.set_num_threads(t)
+            runs[name].append(benches[v].run(s))
+    torch.set_num_threads(threads)
+    out = {name: _summary(benches[v], runs[name]) for (v, _), name in names.items()}
     if profile:
         for v in variants:
             out[v]["profile"] = profile_step(benches[v], steps + 1)
@@ -525,6 +533,8 @@ def main(argv=None):
                     help="comma-separated: fused, plain, optionally -fp32 / -bf16 (default fused,plain; "
                          "fused,fused-bf16 for --config smollm2)")
     ap.add_argument("--profile", action="store_true", help="one more step per variant under torch.profiler (CPU)")
+    ap.add_argument("--thread-sweep", default=None, metavar="N,M",
+                    help="CPU: run every variant's steps at each of these torch thread counts in turn")
     ap.add_argument("--fused-adamw", action="store_true",
                     help="torch.optim.AdamW(fused=True) for every variant (default: AdamW's default, as the trainer)")
     ap.add_argument("--no-memory", action="store_true", help="CPU: skip the fresh-process peak-memory runs")
@@ -553,6 +563,16 @@ def main(argv=None):
         raise SystemExit(f"--variants: {err}") from None
     if len(set(variants)) != len(variants):
         raise SystemExit(f"--variants: each variant once, got {args.variants!r}")
+    sweep = ()
+    if args.thread_sweep:
+        try:
+            sweep = tuple(int(t) for t in args.thread_sweep.split(","))
+        except ValueError:
+            raise SystemExit(f"--thread-sweep: comma-separated thread counts, got {args.thread_sweep!r}") from None
+        if any(t < 1 for t in sweep) or len(set(sweep)) != len(sweep):
+            raise SystemExit(f"--thread-sweep: distinct counts >= 1, got {args.thread_sweep!r}")
+        if device.type != "cpu" or args.profile:
+            raise SystemExit("--thread-sweep is for CPU runs without --profile")
 
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     cpu = device.type == "cpu"
@@ -563,9 +583,12 @@ def main(argv=None):
     if device.type == "cuda":
         results = {v: measure_cuda(cfg, v, args.device, steps, args.fused_adamw) for v in variants}
     else:
-        results = measure_cpu(cfg, variants, steps, profile=args.profile, fused_adamw=args.fused_adamw)
+        results = measure_cpu(cfg, variants, steps, profile=args.profile, fused_adamw=args.fused_adamw,
+                              thread_sweep=sweep)
         rates = _max_rates(rates, measure_gemm_rates(device, mlp))
-    if cpu and not args.no_memory:
+        if sweep:
+            variants = tuple(f"{v}@{t}t" for v in variants for t in sweep)
+    if cpu and not args.no_memory and not sweep:
         for v in variants:
             results[v]["peak_extra"] = cpu_peak_extra_bytes(make_cpu_step, dataclasses.asdict(cfg), v,
                                                             torch.get_num_threads(), args.fused_adamw)
