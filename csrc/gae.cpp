@@ -442,7 +442,11 @@ VRPO_MULTIVERSION void whiten_flat_u8(V* adv, const uint8_t* m, int64_t T, doubl
 #ifdef VRPO_GAE_SSE2
     if (std::is_same<V, float>::value) {
         float* a = reinterpret_cast<float*>(adv);
-        const __m128d mu = _mm_set1_pd(mean), s = _mm_set1_pd(inv_std), add = _mm_set1_pd(add_back);
+        // float32 arithmetic, (a - mean) * inv_std + add_back: the advantages are float32 already and
+        // the subtraction is exact near the mean, so the error (a few ulp of the output, plus the
+        // rounding of the mean) stays below the float32 recursion's own.
+        const __m128 mu = _mm_set1_ps(static_cast<float>(mean)), scale = _mm_set1_ps(static_cast<float>(inv_std));
+        const __m128 add = _mm_set1_ps(static_cast<float>(add_back));
         const __m128i zero = _mm_setzero_si128();
         for (; t + 16 <= T; t += 16) {
             // 16 mask bytes -> four 4-lane "on" masks (0xff bytes widened by unpacking with themselves).
@@ -452,17 +456,15 @@ VRPO_MULTIVERSION void whiten_flat_u8(V* adv, const uint8_t* m, int64_t T, doubl
             const __m128i on32[4] = {_mm_unpacklo_epi16(on16lo, on16lo), _mm_unpackhi_epi16(on16lo, on16lo),
                                      _mm_unpacklo_epi16(on16hi, on16hi), _mm_unpackhi_epi16(on16hi, on16hi)};
             for (int k = 0; k < 4; ++k) {
-                const __m128 x = _mm_loadu_ps(a + t + 4 * k);
-                const __m128d lo = _mm_add_pd(_mm_mul_pd(_mm_sub_pd(_mm_cvtps_pd(x), mu), s), add);
-                const __m128d hi = _mm_add_pd(_mm_mul_pd(_mm_sub_pd(_mm_cvtps_pd(_mm_movehl_ps(x, x)), mu), s), add);
-                const __m128 w = _mm_movelh_ps(_mm_cvtpd_ps(lo), _mm_cvtpd_ps(hi));
+                const __m128 w = _mm_add_ps(_mm_mul_ps(_mm_sub_ps(_mm_loadu_ps(a + t + 4 * k), mu), scale), add);
                 _mm_storeu_ps(a + t + 4 * k, _mm_and_ps(w, _mm_castsi128_ps(on32[k])));
             }
         }
     }
 #endif
-    for (; t < T; ++t) {
-        const double w = (static_cast<double>(adv[t]) - mean) * inv_std + add_back;
+    for (; t < T; ++t) {  // the same arithmetic as the vector body (float32 for float32)
+        using A = typename std::conditional<std::is_same<V, float>::value, float, double>::type;
+        const A w = (static_cast<A>(adv[t]) - static_cast<A>(mean)) * static_cast<A>(inv_std) + static_cast<A>(add_back);
         adv[t] = m[t] != 0 ? static_cast<V>(w) : V(0);
     }
 }
