@@ -2,7 +2,9 @@
 
 Fast: the count of a tiny config against a hand count, and its matmul part against
 ``torch.utils.flop_counter.FlopCounterMode`` on a real tiny Llama (forward, forward + backward, and
-``rollout.generate`` with the KV cache). Slow: bf16 autocast scoring of SmolLM2 on CPU against fp32.
+``rollout.generate`` with the KV cache); ``choose_cpu_mixed_precision`` on scripted CPU flags and GEMM
+rates; ``use_fp32_attention`` and ``cache_low_precision_weights`` on a tiny Llama against plain SDPA /
+autocast. Slow: bf16 autocast scoring of SmolLM2 on CPU against fp32.
 """
 from __future__ import annotations
 
@@ -124,7 +126,7 @@ def test_generate_count_matches_flop_counter():
 
 
 # ---------------------------------------------------------------------------------------------------
-# bf16 autocast on CPU: the real model's statistics against fp32 (slow)
+# mixed precision on CPU: the choice, and bf16 statistics of the real model against fp32 (slow)
 # ---------------------------------------------------------------------------------------------------
 def test_choose_cpu_mixed_precision_follows_the_flags_and_the_measured_rates(monkeypatch, tmp_path):
     from vrpo_fast import precision
