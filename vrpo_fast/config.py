@@ -44,7 +44,9 @@ class ModelConfig:
                                             "and on CUDA, else sdpa",
                                     choices=("auto", "eager", "sdpa", "flash_attention_2"))
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward (policy and value backbones)")
-    mixed_precision: Optional[str] = _opt(None, "autocast dtype; default bf16 on CUDA, no on CPU",
+    mixed_precision: Optional[str] = _opt(None, "autocast dtype; default bf16 on CUDA; on CPU bf16 for a --model "
+                                                "when this CPU multiplies bf16 natively at >= 2x its fp32 rate "
+                                                "(measured once, recorded in config.json), else no",
                                           choices=("no", "bf16", "fp16"))
     cpu: bool = _opt(False, "run on CPU even if a GPU is available")
     num_threads: int = _opt(0, "CPU threads per process for torch ops; 0: 1 thread for the embedded tiny model "

@@ -231,9 +231,25 @@ def load_policy_lm(run: Run, attn: str, resume_from: Optional[str], warmup_done:
     return policy_lm, tokenizer
 
 
+def cpu_bf16_attention(run: Run, model) -> None:
+    """On CPU under bf16 autocast, SDPA runs in fp32 (faster there, and exact-er; see vrpo_fast.precision)."""
+    if run.acc.device.type == "cpu" and run.acc.mixed_precision == "bf16" and \
+            getattr(getattr(model, "config", None), "_attn_implementation", None) == "sdpa":
+        from .precision import use_fp32_attention
+
+        use_fp32_attention(model)
+
+
+def adamw(run: Run, params, lr: float, weight_decay: float):
+    """AdamW, fused (one kernel over all parameters) where the parameters are plain tensors."""
+    fused = not is_sharded(run.acc) and run.acc.device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
+
+
 def prepare_policy(run: Run, policy_lm) -> None:
     """Wrap the policy for accelerate; under FSDP2 the policy and its optimizer are prepared together."""
     o, acc = run.cfg.optim, run.acc
+    cpu_bf16_attention(run, policy_lm)
     if is_sharded(acc):
         # FSDP2 shards the model in place and swaps its optimizer's parameters for the shards, so
         # both go through one prepare() call; the warm-up borrows this optimizer
@@ -311,6 +327,7 @@ def build_reference(run: Run, attn: str, reload: bool) -> None:
         ref_lm = frozen_copy(run.policy_lm)
     if acc.mixed_precision in ("bf16", "fp16"):
         ref_lm.to(torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float16)
+    cpu_bf16_attention(run, ref_lm)
     run.ref = TokenScorer(ref_lm).to(acc.device)
     run.reference_mode = contextlib.nullcontext
 
@@ -348,6 +365,7 @@ def build_critic(run: Run, attn: str, resume_from: Optional[str], lora_state) ->
             _load_heads(value_model, lora_state["value_heads"])
     if cfg.model.gradient_checkpointing:
         value_model.gradient_checkpointing_enable()
+    cpu_bf16_attention(run, value_model.backbone)
     run.value_model = value_model
 
 
@@ -366,12 +384,12 @@ def build_optimizers(run: Run) -> None:
     (the accelerator is made with ``step_scheduler_with_optimizer=False``)."""
     o, acc = run.cfg.optim, run.acc
     if run.policy_opt is None:
-        opt = torch.optim.AdamW(trainable_parameters(run.policy), lr=o.lr, weight_decay=o.weight_decay)
+        opt = adamw(run, trainable_parameters(run.policy), o.lr, o.weight_decay)
         run.policy_opt, run.policy_sched = acc.prepare(opt, _schedule(run.cfg, opt))
     else:  # FSDP2: prepared with the policy
         run.policy_sched = acc.prepare(_schedule(run.cfg, run.policy_opt))
     if run.has_critic:
-        opt = torch.optim.AdamW(trainable_parameters(run.value_model), lr=o.critic_lr, weight_decay=o.weight_decay)
+        opt = adamw(run, trainable_parameters(run.value_model), o.critic_lr, o.weight_decay)
         run.value_model, run.value_opt, run.value_sched = acc.prepare(run.value_model, opt, _schedule(run.cfg, opt))
 
 

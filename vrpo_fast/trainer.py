@@ -67,7 +67,18 @@ def make_accelerator(cfg: TrainConfig):
 
     m = cfg.model
     cpu = m.cpu or not torch.cuda.is_available()
-    precision = m.mixed_precision or ("no" if cpu else "bf16")
+    precision = m.mixed_precision
+    if precision is None:
+        if not cpu:
+            precision = "bf16"
+        elif m.model is not None:  # a real model on CPU: bf16 where this CPU multiplies it natively and fast
+            from .precision import choose_cpu_mixed_precision
+
+            choice = choose_cpu_mixed_precision()
+            precision = choice.mixed_precision
+            logger.info("--mixed-precision on CPU: %s (%s)", precision, choice.reason)
+        else:
+            precision = "no"  # the embedded tiny model: its ops are too small for autocast to pay
     # AcceleratorState is a per-process singleton that refuses a new mixed-precision setting; several
     # runs in one process (the experiment runner, the tests) each get their own. The process group
     # (PartialState) is kept.
@@ -471,6 +482,9 @@ def _run_training(cfg: TrainConfig, accelerator=None) -> Dict[str, Any]:
     t_start = time.time()
     acc = accelerator or make_accelerator(cfg)
     cfg = cfg.resolved()  # the task's own defaults where an option is unset
+    if cfg.model.mixed_precision is None and cfg.model.model is not None and acc.device.type == "cpu":
+        # recorded: a --resume on a CPU that would choose otherwise is refused, not silently switched
+        cfg = cfg.replace(mixed_precision=acc.mixed_precision)
     cfg.validate(acc.num_processes)
     check_distributed_support(cfg, acc)
     wanted = requested_processes() if acc.num_processes == 1 else None
