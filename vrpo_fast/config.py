@@ -86,8 +86,9 @@ class TaskConfig:
 class AlgoConfig:
     algo: str = _opt("vrpo", "vrpo: PPO + VIB value head + auxiliary entropy/perplexity heads; ppo: scalar value "
                              "head; grpo: no critic, group-relative advantages", choices=ALGOS)
-    beta: float = _opt(1e-2, "VIB: weight of the KL(q(z|h) || N(0, I)) term in the value loss (chosen by "
-                             "benchmarks/bench_critic.py: the sweep value whose KL lies in 1-5 nats/token)")
+    beta: float = _opt(3e-3, "VIB: weight of the KL(q(z|h) || N(0, I)) term in the value loss (chosen by "
+                             "benchmarks/bench_critic.py: of the sweep values whose KL lies in 1-5 nats/token, the "
+                             "one whose value tracks the clean reward best)")
     latent_dim: int = _opt(64, "VIB: latent dimension")
     vib_logvar_init: float = _opt(-5.0, "VIB: initial logvar bias (sigma = exp(init / 2)): the latent starts "
                                         "informative and the KL term decides what it keeps")
