@@ -133,9 +133,9 @@ def find_resume_point(cfg: TrainConfig, acc, run: RunDirectory):
     unusable newer checkpoints are named and set aside; none usable -> RunDirError."""
     if not cfg.run.resume:
         return None, None
-    name = None
+    name, state = None, None
     if acc.is_main_process:
-        path, _, skipped = ckpt.find_resume_checkpoint(run.path)
+        path, state, skipped = ckpt.find_resume_checkpoint(run.path)
         for bad, reason in skipped:
             print(f"[vrpo_fast] skipping checkpoint {bad}: {reason}", flush=True)
         if path is None and skipped:
@@ -152,7 +152,9 @@ def find_resume_point(cfg: TrainConfig, acc, run: RunDirectory):
     if name is None:
         return None, None
     path = run.file(ckpt.CHECKPOINTS, name)
-    return path, ckpt.load_trainer_state(path)
+    # the main process keeps the state it loaded to check the checkpoint: read once (it holds the full
+    # optimiser states, several GB for a real model)
+    return path, state if state is not None else ckpt.load_trainer_state(path)
 
 
 def _check_no_lost_steps(run: RunDirectory) -> None:
