@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
-from .tasks import TASKS
+from .tasks import TASKS, task_class
 from .tasks.noise import NOISE_TYPES
 
 ALGOS = ("vrpo", "ppo", "grpo")
@@ -270,13 +270,9 @@ class TrainConfig:
     def resolved(self) -> "TrainConfig":
         """A copy with the task's own defaults (:meth:`Task.default_settings`) filled in where an
         option was left unset (None); what the trainer runs and records."""
-        import importlib
-
-
         if self.task.task not in TASKS:
             return self  # validate() names the bad --task
-        module, cls = TASKS[self.task.task].split(":")
-        defaults = getattr(importlib.import_module(module), cls).default_settings(**self.task.task_kwargs)
+        defaults = task_class(self.task.task).default_settings(**self.task.task_kwargs)
         flat = self.flat()
         missing = {k: v for k, v in defaults.items() if flat.get(k) is None}
         return self.replace(**missing) if missing else self
@@ -370,13 +366,9 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
 
     def _validate_kwargs(self) -> None:
-        import importlib
-
         from .tasks.noise import make_noise
 
-        module, cls = TASKS[self.task.task].split(":")
-        task_cls = getattr(importlib.import_module(module), cls)
-        check_kwargs("--task-kwargs", task_cls.__init__, self.task.task_kwargs, what=f"task {self.task.task!r}")
+        check_kwargs("--task-kwargs", task_class(self.task.task).__init__, self.task.task_kwargs, what=f"task {self.task.task!r}")
         check_kwargs("--noise-kwargs", make_noise, self.task.noise_kwargs, what="make_noise",
                      reserved={"noise_type": "--noise-type", "rate": "--noise-rate", "std": "--noise-std",
                                "seed": "--seed"})

@@ -99,14 +99,9 @@ def noise_for(task: str, noise: str) -> Dict[str, Any]:
 
 
 def reward_kind(task: str) -> str:
-    import importlib
+    from vrpo_fast.tasks import task_class
 
-    from vrpo_fast.tasks import TASKS as REGISTRY
-
-    if task not in REGISTRY:
-        raise ValueError(f"task must be one of {sorted(REGISTRY)}, got {task!r}")
-    module, cls = REGISTRY[task].split(":")
-    return getattr(getattr(importlib.import_module(module), cls), "reward_kind", "rule")
+    return getattr(task_class(task), "reward_kind", "rule")
 
 
 def plan(tasks: Sequence[str], design: Dict[str, Any]) -> List[Dict[str, Any]]:

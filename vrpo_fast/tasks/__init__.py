@@ -18,11 +18,16 @@ TASKS = {
 }
 
 
-def get_task(name: str, **kwargs) -> Task:
+def task_class(name: str) -> type:
+    """The class registered as ``name`` (imported on first use), without building a task."""
     if name not in TASKS:
         raise ValueError(f"task must be one of {sorted(TASKS)}, got {name!r}")
     module, cls = TASKS[name].split(":")
-    return getattr(importlib.import_module(module), cls)(**kwargs)
+    return getattr(importlib.import_module(module), cls)
 
 
-__all__ = ["Example", "Task", "TASKS", "get_task"]
+def get_task(name: str, **kwargs) -> Task:
+    return task_class(name)(**kwargs)
+
+
+__all__ = ["Example", "Task", "TASKS", "get_task", "task_class"]
