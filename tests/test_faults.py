@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import subprocess_env
-from test_train_e2e import TINY, _tiny_argv, tiny_config
+from test_train_e2e import _tiny_argv, tiny_config
 
 from vrpo_fast import checkpoint as ckpt
 from vrpo_fast import trainer as trainer_mod

@@ -110,6 +110,7 @@ class RunDirectory:
     has_config: bool = False     # config.json existed: a run was already started here
     lock: Optional[RunLock] = None
     notes: List[str] = dataclasses.field(default_factory=list)
+    saved: Optional[Dict[str, Any]] = None  # the flat configuration in config.json, read once at open
 
     def file(self, *parts: str) -> str:
         return os.path.join(self.path, *parts)
@@ -122,8 +123,8 @@ class RunDirectory:
             ckpt.atomic_write_json(self.file(CONFIG), cfg.to_dict())
             self.has_config = True
             return
-        saved = TrainConfig.from_dict(read_json(self.file(CONFIG))).flat()
-        changed = {k: [saved.get(k), v] for k, v in cfg.flat().items() if saved.get(k) != v and k != "resume"}
+        changed = {k: [self.saved.get(k), v] for k, v in cfg.flat().items()
+                   if self.saved.get(k) != v and k != "resume"}
         if changed:
             with open(self.file(RESUMES), "a", encoding="utf-8") as f:
                 f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "changed": changed}) + "\n")
@@ -144,20 +145,15 @@ def open_run_directory(cfg: TrainConfig, main: bool) -> RunDirectory:
         return run
     run.created = not os.path.exists(path)
     os.makedirs(path, exist_ok=True)
-    try:
-        run.lock = RunLock(path)
-    except RunDirError:
-        if run.created:  # a race with another start on a brand-new directory: leave it to that one
-            pass
-        raise
+    run.lock = RunLock(path)  # a second trainer stops here, before touching anything
     try:
         run.has_config = os.path.isfile(run.file(CONFIG))
         if run.has_config and not cfg.run.resume:
             raise FileExistsError(f"{path} already holds a run: pass --resume to continue it, or choose another "
                                   f"--output-dir")
         if run.has_config:
-            saved = TrainConfig.from_dict(read_json(run.file(CONFIG))).flat()
-            diffs = config_differences(saved, cfg.flat())
+            run.saved = TrainConfig.from_dict(read_json(run.file(CONFIG))).flat()
+            diffs = config_differences(run.saved, cfg.flat())
             if diffs:
                 raise RunDirError(f"--resume with options that change what is trained (the run in {path} was started "
                                   f"with other values): {_format_differences(diffs)}. Resume with the saved values, "

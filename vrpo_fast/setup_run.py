@@ -263,10 +263,20 @@ def prepare_policy(run: Run, policy_lm) -> None:
     run.policy_lm = acc.unwrap_model(run.policy).lm
 
 
+def held_out_rewards(run: Run):
+    """(sampled, greedy or None): the policy's mean clean reward on the held-out prompts."""
+    cfg, acc = run.cfg, run.acc
+    sampled = evaluation.evaluate(acc, run.policy_lm, run.tokenizer, run.reward_fn, run.eval_examples, cfg,
+                                  weights=run.policy_weights)
+    greedy = evaluation.evaluate(acc, run.policy_lm, run.tokenizer, run.reward_fn, run.eval_examples, cfg,
+                                 temperature=0.0, weights=run.policy_weights) if cfg.rollout.eval_greedy else None
+    return sampled, greedy
+
+
 def warm_up(run: Run) -> Dict[str, Any]:
     """Supervised warm-up, the held-out clean reward before RL, and the warmed-up policy saved as the
     frozen reference (``reference/``, with a manifest) with ``warmup.json``."""
-    cfg, acc, o, r = run.cfg, run.acc, run.cfg.optim, run.cfg.rollout
+    cfg, acc, o = run.cfg, run.acc, run.cfg.optim
     probe_examples = run.train_examples[:o.warmup_probe_size]
 
     def probe() -> float:
@@ -285,12 +295,9 @@ def warm_up(run: Run) -> Dict[str, Any]:
         # the warmed-up policy becomes the base (= the reference); the adapters restart at zero
         torch.manual_seed(derived_seed(cfg.run.seed, 6, 1))  # A re-initialised identically everywhere
         fold_lora_into_base(run.policy_lm)
-    warmup["eval_clean_reward_before"] = evaluation.evaluate(acc, run.policy_lm, run.tokenizer, run.reward_fn,
-                                                             run.eval_examples, cfg, weights=run.policy_weights)
-    if r.eval_greedy:
-        warmup["eval_greedy_reward_before"] = evaluation.evaluate(
-            acc, run.policy_lm, run.tokenizer, run.reward_fn, run.eval_examples, cfg, temperature=0.0,
-            weights=run.policy_weights)
+    warmup["eval_clean_reward_before"], greedy = held_out_rewards(run)
+    if greedy is not None:
+        warmup["eval_greedy_reward_before"] = greedy
     policy_state = full_state_dict(acc, run.policy, prefix="lm.")  # FSDP: gathered on the main process
     if acc.is_main_process:
         saved_lm = _plain_model(run.policy_lm) if run.use_lora else run.policy_lm

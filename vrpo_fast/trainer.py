@@ -41,21 +41,19 @@ from vrpo_fast.algorithms.losses import (aux_regression_loss, aux_token_weights,
                                          policy_loss, value_loss, vrpo_value_loss)
 from vrpo_fast.ops import masked_mean
 
-from . import evaluation
 from .config import TrainConfig
-from .distributed import (check_distributed_support, gather_rollout, global_token_weight, is_sharded,
-                          mean_over_processes, requested_processes)
+from .distributed import (check_distributed_support, gather_rollout, global_token_weight, mean_over_processes,
+                          requested_processes)
 from .errors import NonFiniteLossError, TrainingInterrupted
 from .metrics import MetricsWriter, plot_curves, read_metrics
 from .rollout import Rollout, generate
 from .run_dir import open_run_directory
 from .scoring import ReferenceStats, reference_stats, score
 from .seeding import derived_seed, progress_bar, prompts_for_step, seed_everything, shard
-from .setup_run import REFERENCE_DIR, WARMUP_FILE, Run, save_run_checkpoint, setup_run  # noqa: F401 (re-exported)
+from .setup_run import Run, held_out_rewards, save_run_checkpoint, setup_run
 from .checkpoint import atomic_write_json
 
 logger = logging.getLogger("vrpo_fast")
-evaluate = evaluation.evaluate  # re-exported
 
 # statistics of the rollout, not of a mini-batch: averaged over processes once, not per micro-batch
 _ROLLOUT_STATS = ("explained_variance", "values_mean", "returns_mean")
@@ -206,13 +204,12 @@ def critic_targets(run: Run, batch: Batch) -> Dict[str, Optional[torch.Tensor]]:
     cfg, a, mask = run.cfg, run.cfg.algo, batch.mask
     out: Dict[str, Optional[torch.Tensor]] = {"ent_target": batch.ref.entropy, "nll_target": None, "nll_mask": None,
                                               "token_weights": None}
+    surprisal, surprisal_mask = batch.ref.surprisal(mask)  # 0 where undefined (nothing scored there)
     if a.ppl_target == "sequence":
         out["nll_target"], out["nll_mask"] = batch.ref.sequence_surprisal(mask)
     else:
-        out["nll_target"], out["nll_mask"] = batch.ref.surprisal(mask)
+        out["nll_target"], out["nll_mask"] = surprisal, surprisal_mask
     if cfg.uses_aux_weights:
-        surprisal = torch.where(out["nll_mask"], out["nll_target"], torch.zeros_like(out["nll_target"])) \
-            if a.ppl_target == "token" else batch.ref.surprisal(mask)[0]
         signal = {"entropy": batch.ref.entropy, "surprisal": surprisal,
                   "sum": batch.ref.entropy + surprisal}[a.aux_weight_signal]
         out["token_weights"] = aux_token_weights(signal, mask, a.aux_weight_temperature)
@@ -273,16 +270,16 @@ def micro_losses(run: Run, batch: Batch, micro: torch.Tensor, vib_seed: int, tra
             losses["policy"], stats = policy_loss(logprobs, batch.old_logprobs[micro], batch.advantages[micro], m,
                                                   clip=a.clip, entropy=entropy, entropy_coef=a.entropy_coef)
     if run.has_critic:
-        losses["value"], vstats, values_mean = critic_loss(run, batch, micro, vib_seed)
+        losses["value"], vstats, values_mean = critic_loss(run, batch, micro, mb, vib_seed)
         stats.update(vstats)
     return losses, stats, values_mean
 
 
-def critic_loss(run: Run, batch: Batch, micro: torch.Tensor, vib_seed: int):
-    """The critic's loss on rows ``micro``: clipped value loss (V and V_old compared at z = mu) + beta *
-    VIB KL + the auxiliary terms (vrpo); plain clipped value loss (ppo)."""
+def critic_loss(run: Run, batch: Batch, micro: torch.Tensor, mb: Rollout, vib_seed: int):
+    """The critic's loss on rows ``micro`` (``mb``: those rows of the rollout): clipped value loss (V and
+    V_old compared at z = mu) + beta * VIB KL + the auxiliary terms (vrpo); plain clipped value loss (ppo)."""
     a, aux = run.cfg.algo, batch.aux
-    mb, m, T = batch.rollout.select(micro), batch.mask[micro], batch.mask.shape[1]
+    m, T = batch.mask[micro], batch.mask.shape[1]
     out = run.value_model(mb.input_ids, mb.attention_mask, response_mask=mb.response_mask, seed=vib_seed,
                           noise_ids=micro[:, None] * T + torch.arange(T, device=m.device))
     vrpo = a.algo == "vrpo"
@@ -542,10 +539,7 @@ def _run_training(cfg: TrainConfig, accelerator=None) -> Dict[str, Any]:
 def finish(run: Run, final_step: int, t_start: float) -> Dict[str, Any]:
     """Held-out clean reward after RL, curves and ``summary.json``."""
     cfg, acc, r = run.cfg, run.acc, run.cfg.rollout
-    after = evaluation.evaluate(acc, run.policy_lm, run.tokenizer, run.reward_fn, run.eval_examples, cfg,
-                                weights=run.policy_weights)
-    greedy_after = evaluation.evaluate(acc, run.policy_lm, run.tokenizer, run.reward_fn, run.eval_examples, cfg,
-                                       temperature=0.0, weights=run.policy_weights) if r.eval_greedy else None
+    after, greedy_after = held_out_rewards(run)
     metrics_path = run.dir.file("metrics.jsonl")
     summary = {
         "algo": cfg.algo.algo,
