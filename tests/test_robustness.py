@@ -76,6 +76,16 @@ def test_plan_of_the_standard_setting():
     resolved = TrainConfig.from_flat(**cfg).resolved()
     assert resolved.rollout.max_new_tokens >= 40  # the long-response regime
     assert rb.noise_for("dialogue", "flip")["noise_type"] == "gaussian"
+    # math's compute-limited cells: 6 seeds x (none, flip) x (2 lambdas x 2 critic arms + GRPO)
+    math_runs = rb.plan(["math"], rb.STANDARD)
+    assert len(math_runs) == 6 * 2 * (2 * 2 + 1) and {r["arm"] for r in math_runs} == {"vrpo", "ppo", "grpo"}
+    assert {r["noise"] for r in math_runs} == {"none", "flip"} and {r["lam"] for r in math_runs} == {0.95, 0.8}
+    math_cfg = rb.run_config(math_runs[0], rb.STANDARD, "o")
+    assert math_cfg["steps"] == 60 and math_cfg["rollout_batch_size"] == 64 and math_cfg["num_eval"] == 1000
+    # cells named on the command line win over the task's own
+    given = {**rb.STANDARD, "arms": ("vrpo", "vrpo-no-vib"), "given": ["arms"]}
+    assert {r["arm"] for r in rb.plan(["math"], given)} == {"vrpo", "vrpo-no-vib"}
+    assert len(rb.plan(["arith", "math"], rb.STANDARD)) == len(runs) + len(math_runs)
     with pytest.raises(ValueError, match="noise must be one of"):
         rb.noise_for("math", "salt")
     with pytest.raises(ValueError, match="task must be one of"):
@@ -112,6 +122,29 @@ def test_study_writes_csv_tables_plots_and_resumes(tmp_path):
     again = []
     rb.run_study(["arith"], design, out, run_fn=_fake_run(again), log=lambda s: None)
     assert again == []  # everything was in results.csv
+
+
+def fake_run_picklable(cfg):
+    """_fake_run at module level, so that --jobs' spawned workers can import it."""
+    return _fake_run([])(cfg)
+
+
+def test_parallel_jobs_give_the_same_table_as_one_job(tmp_path):
+    design = {**rb.STANDARD, "seeds": (0, 1, 2), "lams": (0.95, 0.8), "noises": ("none", "flip"),
+              "arms": ("vrpo", "ppo", "grpo")}
+    one = rb.run_study(["arith"], design, str(tmp_path / "one"), run_fn=fake_run_picklable, log=lambda s: None)
+    lines = []
+    two = rb.run_study(["arith"], design, str(tmp_path / "two"), run_fn=fake_run_picklable, log=lines.append, jobs=2)
+    assert len(two) == len(one) == len(rb.plan(["arith"], design)) == 3 * 2 * 5
+    assert len({rb._key(r) for r in two}) == len(two)  # every run once, none lost or doubled by the lock
+    with open(tmp_path / "two" / "results.csv") as f:
+        assert f.read().count("task,noise,lam") == 1  # one header although several processes appended
+    md = lambda d: open(tmp_path / d / "results.md").read()  # noqa: E731
+    shuffled = list(reversed(rb.read_rows(str(tmp_path / "one" / "results.csv"))))
+    assert rb.markdown_report(rb.canonical_order(shuffled), design) in md("one")  # finishing order does not matter
+    assert md("one") == md("two") and "2 at a time" in lines[0] and "30/30 runs done" in lines[-1]
+    with pytest.raises(ValueError, match="--jobs must be >= 1"):
+        rb.run_study(["arith"], design, str(tmp_path / "z"), run_fn=fake_run_picklable, jobs=0)
 
 
 def test_failed_runs_are_recorded_and_retried(tmp_path):

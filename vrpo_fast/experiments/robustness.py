@@ -18,6 +18,9 @@ Design (``STANDARD``; README "The robustness study" reports what it showed):
 * **regime**: arith (4-token answers: lam^T ~ 0.8, a critic acts as a baseline) and math at difficulty 3
   (worked chains of 40-50 tokens: lam^T ~ 0.1 at 0.95 and ~ 1e-4 at 0.8, where the critic's
   bootstrapped values carry the advantages).
+* **math's cells are compute-limited** (fixed before any math run; ``TASKS["math"]``): noise none / flip,
+  both lambdas, arms vrpo / ppo / grpo, 60 steps of 64 rollouts, the same 1000 x 4 evaluation, 6 seeds
+  (60 runs, ~75 min on 2 cores); the length bias and the ablations are studied on arith (162 runs).
 * **arms**: vrpo, ppo, grpo and the ablations vrpo-no-vib (beta 0) and vrpo-no-aux (no auxiliary losses).
 * **outcomes**: held-out clean reward after RL (primary; 1000 prompts x 4 samples), greedy held-out
   clean reward, the mean training clean reward over the run (area under the curve / steps), and the
@@ -62,16 +65,26 @@ NOISE_OPTIONS = {
     "gaussian": {"noise_type": "gaussian", "noise_std": 0.2},
 }
 
-# per task: constructor kwargs and training settings of the standard setting
+# per task: constructor kwargs, training settings and (under "design") the task's own cells in the standard
+# setting. Math's is compute-limited, fixed on 2026-12-01 before any math run of the study: a math step
+# costs ~10x an arith step (40-50-token chains) and one evaluation generates 5 x n_eval chains, so the full
+# arith grid (162 runs) would take ~13 h on 2 cores. Math keeps the 6 seeds, both lambdas and the flip
+# cell (the long-response regime is its point) with the three main arms, 60 steps of 64 rollouts and the
+# same 1000 held-out prompts x 4; the length bias and the ablations are studied on arith. "power_p" is
+# the clean reward the power analysis assumes (pilots off the study's seeds: arith ~0.35 after RL, math
+# ~0.12 after its warm-up).
 TASKS: Dict[str, Dict[str, Any]] = {
-    "arith": {"task_kwargs": {"num_eval": 1000}, "settings": {}},
-    "math": {"task_kwargs": {"difficulty": 3, "n_eval": 1000}, "settings": {"steps": 100}},
+    "arith": {"task_kwargs": {"num_eval": 1000}, "settings": {}, "power_p": 0.35},
+    "math": {"task_kwargs": {"difficulty": 3, "n_eval": 1000}, "power_p": 0.15,
+             "settings": {"steps": 60, "rollout_batch_size": 64, "mini_batch_size": 32},
+             "design": {"noises": ("none", "flip"), "arms": ("vrpo", "ppo", "grpo")}},
     "sciqa": {"task_kwargs": {"n_eval": 400}, "settings": {"steps": 100}},
     "dialogue": {"task_kwargs": {"n_eval": 400}, "settings": {"steps": 100}},
 }
 STANDARD: Dict[str, Any] = {
     "seeds": (0, 1, 2, 3, 4, 5), "lams": (0.95, 0.8), "noises": ("none", "flip", "bias"),
     "arms": tuple(ARMS), "train": {"steps": 150, "num_eval": 1000, "eval_samples": 4, "save_every": 0},
+    "per_task": True,  # TASKS[task]["design"] replaces these cells for that task (unless given on the command line)
 }
 QUICK: Dict[str, Any] = {
     "seeds": (0, 1), "lams": (0.95,), "noises": ("none", "flip"), "arms": ("vrpo", "ppo", "grpo"),
@@ -104,18 +117,29 @@ def reward_kind(task: str) -> str:
     return getattr(task_class(task), "reward_kind", "rule")
 
 
+def design_for(task: str, design: Dict[str, Any]) -> Dict[str, Any]:
+    """The design one task runs: the task's own cells (standard setting) and its settings merged into "train"."""
+    spec = TASKS.get(task, {})
+    own = spec.get("design", {}) if design.get("per_task") else {}
+    out = {**design, **{k: v for k, v in own.items() if k not in design.get("given", ())}}
+    out["train"] = {**design["train"], **spec.get("settings", {})}
+    out["power_p"] = spec.get("power_p", design.get("power_p", 0.35))
+    return out
+
+
 def plan(tasks: Sequence[str], design: Dict[str, Any]) -> List[Dict[str, Any]]:
     """Every run of the study: task -> seed -> noise -> lam -> arm (GRPO once per noise)."""
     runs = []
     for task in tasks:
         reward_kind(task)
-        for seed in design["seeds"]:
-            for noise in design["noises"]:
-                for lam in design["lams"]:
-                    for arm in design["arms"]:
+        d = design_for(task, design)
+        for seed in d["seeds"]:
+            for noise in d["noises"]:
+                for lam in d["lams"]:
+                    for arm in d["arms"]:
                         if arm not in ARMS:
                             raise ValueError(f"arms must be among {sorted(ARMS)}, got {arm!r}")
-                        if arm == "grpo" and lam != design["lams"][0]:
+                        if arm == "grpo" and lam != d["lams"][0]:
                             continue  # no critic: lambda does not apply
                         runs.append({"task": task, "noise": noise, "lam": float(lam), "arm": arm, "seed": int(seed)})
     return runs
@@ -123,8 +147,8 @@ def plan(tasks: Sequence[str], design: Dict[str, Any]) -> List[Dict[str, Any]]:
 
 def run_config(run: Dict[str, Any], design: Dict[str, Any], out: str, extra: Optional[Dict[str, Any]] = None):
     """The flat trainer options of one run."""
-    task = TASKS.get(run["task"], {"task_kwargs": {}, "settings": {}})
-    flat = {**design["train"], **task["settings"], **ARMS[run["arm"]], **noise_for(run["task"], run["noise"])}
+    task = TASKS.get(run["task"], {"task_kwargs": {}})
+    flat = {**design_for(run["task"], design)["train"], **ARMS[run["arm"]], **noise_for(run["task"], run["noise"])}
     flat.update(task=run["task"], task_kwargs=dict(task["task_kwargs"]), seed=run["seed"], lam=run["lam"],
                 progress=False, resume=True, output_dir=os.path.join(out, "runs", run_dir_name(run)))
     flat.update(extra or {})
@@ -184,14 +208,20 @@ def read_rows(path: str) -> List[Dict[str, Any]]:
 
 
 def append_row(path: str, row: Dict[str, Any]) -> None:
-    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    """Append one run's row; safe when several ``--jobs`` workers finish at once (an exclusive lock)."""
+    import fcntl
+
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-        f.flush()
-        os.fsync(f.fileno())
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+            if os.fstat(f.fileno()).st_size == 0:
+                writer.writeheader()
+            writer.writerow(row)
+            f.flush()
+            os.fsync(f.fileno())
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def summary_row(run: Dict[str, Any], summary: Dict[str, Any], wall: float) -> Dict[str, Any]:
@@ -223,50 +253,91 @@ def _fmt(x) -> str:
 # running it
 # ------------------------------------------------------------------------------------------------
 def run_study(tasks: Sequence[str], design: Dict[str, Any], out: str, *, extra: Optional[Dict[str, Any]] = None,
-              run_fn: Optional[Callable[[Any], Dict[str, Any]]] = None, log: Callable[[str], None] = print
-              ) -> List[Dict[str, Any]]:
-    """Run every planned run not yet in ``out/results.csv`` (failed ones are retried), then write the reports."""
+              run_fn: Optional[Callable[[Any], Dict[str, Any]]] = None, log: Callable[[str], None] = print,
+              jobs: int = 1) -> List[Dict[str, Any]]:
+    """Run every planned run not yet in ``out/results.csv`` (failed ones are retried), then write the reports.
+
+    ``jobs`` > 1 runs that many (task, seed) groups at once, each in its own process (a group's runs share
+    its warm-up, so they run in order); ``run_fn`` must then be picklable (a module-level function).
+    """
     from vrpo_fast.config import TrainConfig
 
-    if run_fn is None:
-        from vrpo_fast.train import run_training as run_fn
+    if jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {jobs}")
     os.makedirs(out, exist_ok=True)
     csv_path = os.path.join(out, "results.csv")
-    rows = [r for r in read_rows(csv_path) if r.get("status") == "ok"]
-    done = {_key(r) for r in rows}
+    done = {_key(r) for r in read_rows(csv_path) if r.get("status") == "ok"}
     runs = plan(tasks, design)
     todo = [r for r in runs if _key({k: str(v) for k, v in r.items()}) not in done]
     for r in todo:  # bad options fail here, before any run
         TrainConfig.from_flat(**run_config(r, design, out, extra)).validate()
-    log(f"[robustness] {len(runs)} runs planned, {len(runs) - len(todo)} already in {csv_path}, {len(todo)} to run")
-    t_start = time.time()
-    for i, run in enumerate(todo):
-        flat = run_config(run, design, out, extra)
-        shared = seed_with_warmup(out, run, flat)
-        t0 = time.time()
-        try:
-            summary = run_fn(TrainConfig.from_flat(**flat))
-            row = summary_row(run, summary, time.time() - t0)
-            save_warmup(out, run, flat)
-        except Exception as err:  # recorded, retried on the next invocation
-            traceback.print_exc()
-            row = {**run, "status": f"error: {type(err).__name__}: {err}"[:300], "wall_time_s": f"{time.time() - t0:.1f}"}
-        append_row(csv_path, row)
-        rows.append(row)
-        eta = (time.time() - t_start) / (i + 1) * (len(todo) - i - 1)
-        log(f"[robustness] {i + 1}/{len(todo)} {run_dir_name(run)}: {row.get('eval_clean_reward_before')} -> "
-            f"{row.get('eval_clean_reward_after')} ({row['status']}, {time.time() - t0:.0f}s"
-            f"{', shared warm-up' if shared else ''}); ETA {eta / 60:.1f} min")
-    selected = [r for r in rows if r["task"] in tasks]
+    log(f"[robustness] {len(runs)} runs planned, {len(runs) - len(todo)} already in {csv_path}, {len(todo)} to run"
+        + (f", {jobs} at a time" if jobs > 1 else ""))
+    groups: Dict[Tuple[str, int], List[Dict[str, Any]]] = {}
+    for r in todo:
+        groups.setdefault((r["task"], r["seed"]), []).append(r)
+    t_start, finished = time.time(), 0
+
+    def progress(n: int) -> None:
+        nonlocal finished
+        finished += n
+        eta = (time.time() - t_start) / finished * (len(todo) - finished)
+        log(f"[robustness] {finished}/{len(todo)} runs done; ETA {eta / 60:.1f} min")
+
+    if jobs == 1:
+        for group in groups.values():
+            for run in group:
+                _run_one(run, design, out, extra, run_fn, log)
+                progress(1)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_run_group, g, design, out, extra, run_fn): len(g) for g in groups.values()}
+            for future in as_completed(futures):
+                future.result()
+                progress(futures[future])
+    selected = [r for r in read_rows(csv_path) if r["task"] in tasks and r.get("status") == "ok"]
     write_reports(selected, out, design)
     return selected
+
+
+def _run_group(group, design, out, extra, run_fn) -> None:
+    """One (task, seed) group in a worker process, in order (the first run writes the shared warm-up)."""
+    for run in group:
+        _run_one(run, design, out, extra, run_fn, lambda line: print(line, flush=True))
+
+
+def _run_one(run, design, out, extra, run_fn, log) -> Dict[str, Any]:
+    """One run: seeded with its (task, seed) warm-up when there is one; its row appended to results.csv."""
+    from vrpo_fast.config import TrainConfig
+
+    if run_fn is None:
+        from vrpo_fast.train import run_training as run_fn
+    flat = run_config(run, design, out, extra)
+    shared = seed_with_warmup(out, run, flat)
+    t0 = time.time()
+    try:
+        summary = run_fn(TrainConfig.from_flat(**flat))
+        row = summary_row(run, summary, time.time() - t0)
+        save_warmup(out, run, flat)
+    except Exception as err:  # recorded, retried on the next invocation
+        traceback.print_exc()
+        row = {**run, "status": f"error: {type(err).__name__}: {err}"[:300], "wall_time_s": f"{time.time() - t0:.1f}"}
+    append_row(os.path.join(out, "results.csv"), row)
+    log(f"[robustness] {run_dir_name(run)}: {row.get('eval_clean_reward_before')} -> "
+        f"{row.get('eval_clean_reward_after')} ({row['status']}, {time.time() - t0:.0f}s"
+        f"{', shared warm-up' if shared else ''})")
+    return row
 
 
 # ------------------------------------------------------------------------------------------------
 # the analysis and its reports
 # ------------------------------------------------------------------------------------------------
-def power_analysis(design: Dict[str, Any], sd_diff: float = 0.02, p: float = 0.35) -> str:
-    """The study's power, stated before it runs (markdown)."""
+def power_analysis(design: Dict[str, Any], sd_diff: float = 0.02, p: Optional[float] = None) -> str:
+    """The study's power, stated before it runs (markdown); ``p``: the clean reward assumed (default: the design's)."""
+    p = design.get("power_p", 0.35) if p is None else p
     train = design["train"]
     n_eval, samples, n = train["num_eval"], train["eval_samples"], len(design["seeds"])
     se_run = st.eval_standard_error(p, n_eval, samples)
@@ -307,9 +378,10 @@ def markdown_report(rows: Sequence[Dict[str, Any]], design: Dict[str, Any]) -> s
     lines = ["# Robustness study", "",
              f"Held-out **clean** reward after RL with a noisy training reward; mean and 95% t interval over seeds "
              f"(seeds {sorted({int(float(r['seed'])) for r in rows})}). Differences are paired by seed "
-             f"(shared warm-up, prompts, noise stream and eval keys).", "", power_analysis(design)]
+             f"(shared warm-up, prompts, noise stream and eval keys).", ""]
     for task in dict.fromkeys(r["task"] for r in rows):
-        lines += [f"## {task}", "", "| noise | lam | arm | n | clean after RL | greedy after RL | warm-up |",
+        lines += [f"## {task}", "", power_analysis(design_for(task, design)).replace("### Power", f"### {task}: power"),
+                  "| noise | lam | arm | n | clean after RL | greedy after RL | warm-up |",
                   "|---|---|---|---:|---|---|---|"]
         for (t, noise, lam, arm), values in by_cell.items():
             if t != task:
@@ -325,8 +397,44 @@ def markdown_report(rows: Sequence[Dict[str, Any]], design: Dict[str, Any]) -> s
         lines += ["", "Robustness contrast, (VRPO - PPO under noise) - (VRPO - PPO without noise):", "",
                   "| noise | lam | n | contrast | p |", "|---|---|---:|---|---:|"]
         lines += _contrast_rows(by_cell, task)
+        lines += ["", "Secondary outcomes, paired by seed: greedy held-out clean reward and the training clean "
+                  "reward's area under the curve (mean over the RL steps):", "",
+                  "| noise | lam | comparison | greedy difference | p | train AUC difference | p |",
+                  "|---|---|---|---|---:|---|---:|"]
+        lines += _secondary_rows(rows, task)
+        lines += ["", "Mechanism diagnostics, mean over each run's steps, then mean [95% CI] over seeds:", "",
+                  "| noise | lam | arm | " + " | ".join(DIAG_KEYS) + " |", "|---|---|---|" + "---|" * len(DIAG_KEYS)]
+        lines += _diagnostic_rows(rows, task)
         lines.append("")
     return "\n".join(lines)
+
+
+def _secondary_rows(rows, task) -> List[str]:
+    greedy, auc = _stats_by_cell(rows, "eval_greedy_reward_after"), _stats_by_cell(rows, "train_clean_auc")
+    out = []
+    for (t, noise, lam, arm), vrpo_g in greedy.items():
+        if t != task or arm != "vrpo":
+            continue
+        for other in ("ppo", "grpo"):
+            g = _grpo_lam(greedy, t, noise, lam) if other == "grpo" else greedy.get((t, noise, lam, other))
+            a = _grpo_lam(auc, t, noise, lam) if other == "grpo" else auc.get((t, noise, lam, other))
+            if not g or not a:
+                continue
+            dg, da = st.paired_difference(vrpo_g, g), st.paired_difference(auc[(t, noise, lam, arm)], a)
+            out.append(f"| {noise} | {lam} | vrpo - {other} | {st.fmt_ci({**dg, 'signed': True})} | {dg['p']:.3f} | "
+                       f"{st.fmt_ci({**da, 'signed': True})} | {da['p']:.3f} |")
+    return out
+
+
+def _diagnostic_rows(rows, task) -> List[str]:
+    per_metric = {k: _stats_by_cell(rows, k) for k in DIAG_KEYS}
+    out = []
+    for (t, noise, lam, arm) in per_metric[DIAG_KEYS[0]]:
+        if t != task:
+            continue
+        cells = [st.fmt_ci(st.mean_ci(per_metric[k][(t, noise, lam, arm)].values())) for k in DIAG_KEYS]
+        out.append(f"| {noise} | {lam} | {arm} | " + " | ".join(cells) + " |")
+    return out
 
 
 def _difference_rows(by_cell, task) -> List[str]:
@@ -392,7 +500,19 @@ def plot_reports(rows: Sequence[Dict[str, Any]], out: str) -> None:
         plt.close(fig)
 
 
+def canonical_order(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The rows in the plan's order (task, noise, lambda high to low, arm, seed), however runs finished."""
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    arms = list(ARMS)
+
+    def key(r):
+        return (tasks.index(r["task"]), NOISES.index(r["noise"]) if r["noise"] in NOISES else len(NOISES),
+                -float(r["lam"]), arms.index(r["arm"]) if r["arm"] in arms else len(arms), int(float(r["seed"])))
+    return sorted(rows, key=key)
+
+
 def write_reports(rows: Sequence[Dict[str, Any]], out: str, design: Dict[str, Any]) -> str:
+    rows = canonical_order(rows)
     path = os.path.join(out, "results.md")
     with open(path, "w") as f:
         f.write(markdown_report(rows, design) + "\n")
@@ -427,6 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noises", nargs="+", default=None, help=f"override the design's noises ({', '.join(NOISES)})")
     p.add_argument("--lams", nargs="+", type=float, default=None, help="override the design's GAE lambdas")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="any trainer option for every run")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once, one process each (a (task, seed) group "
+                                                       "per process; the tiny model uses 1 thread per run)")
     p.add_argument("--power", action="store_true", help="print the power analysis and exit")
     p.add_argument("--report-only", action="store_true", help="rebuild results.md and the plots from results.csv")
     return p
@@ -439,10 +561,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name in ("seeds", "arms", "noises", "lams"):
         if getattr(args, name) is not None:
             design[name] = getattr(args, name)
+            design.setdefault("given", []).append(name)
     if args.quick:
         print("[robustness] --quick is a smoke test of the pipeline: too few seeds and prompts to detect any effect")
     if args.power:
-        print(power_analysis(design))
+        print("\n".join(f"## {t}\n\n{power_analysis(design_for(t, design))}" for t in args.tasks))
         return 0
     try:
         extra = _parse_set(args.set)
@@ -450,7 +573,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             rows = [r for r in read_rows(os.path.join(args.out, "results.csv")) if r["task"] in args.tasks]
             print(open(write_reports(rows, args.out, design)).read())
             return 0
-        run_study(args.tasks, design, args.out, extra=extra)
+        run_study(args.tasks, design, args.out, extra=extra, jobs=args.jobs)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
