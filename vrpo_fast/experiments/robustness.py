@@ -474,11 +474,14 @@ def plot_reports(rows: Sequence[Dict[str, Any]], out: str) -> None:
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     if not tasks:
         return
-    for metrics, name in ((("eval_clean_reward_after",), "robustness.png"), (DIAG_KEYS, "diagnostics.png")):
+    for metrics, name in ((("eval_clean_reward_after", "differences"), "robustness.png"), (DIAG_KEYS, "diagnostics.png")):
         fig, axes = plt.subplots(len(metrics), len(tasks), figsize=(5 * len(tasks), 3.6 * len(metrics)), squeeze=False)
         for j, task in enumerate(tasks):
             for i, metric in enumerate(metrics):
                 ax = axes[i][j]
+                if metric == "differences":
+                    _plot_differences(ax, [r for r in rows if r["task"] == task], task)
+                    continue
                 by_cell = _stats_by_cell([r for r in rows if r["task"] == task], metric)
                 labels = sorted({(lam, arm) for (_, _, lam, arm) in by_cell})
                 noises = list(dict.fromkeys(n for (_, n, _, _) in by_cell))
@@ -498,6 +501,33 @@ def plot_reports(rows: Sequence[Dict[str, Any]], out: str) -> None:
         fig.tight_layout()
         fig.savefig(os.path.join(out, name), dpi=110)
         plt.close(fig)
+
+
+def _plot_differences(ax, rows, task) -> None:
+    """Paired differences VRPO - PPO / GRPO (mean, 95% t interval over seeds) against the noise, per lambda."""
+    by_cell = _stats_by_cell(rows)
+    noises = list(dict.fromkeys(n for (_, n, _, _) in by_cell))
+    lams = sorted({lam for (_, _, lam, arm) in by_cell if arm == "vrpo"}, reverse=True)
+    series = [(other, lam) for other in ("ppo", "grpo") for lam in lams]
+    for s_i, (other, lam) in enumerate(series):
+        xs, ys, hw = [], [], []
+        for k, noise in enumerate(noises):
+            vrpo = by_cell.get((task, noise, lam, "vrpo"))
+            b = _grpo_lam(by_cell, task, noise, lam) if other == "grpo" else by_cell.get((task, noise, lam, other))
+            if vrpo and b:
+                d = st.paired_difference(vrpo, b)
+                if math.isfinite(d["mean"]):
+                    xs.append(k + 0.06 * (s_i - (len(series) - 1) / 2))
+                    ys.append(d["mean"])
+                    hw.append(d["half_width"] if math.isfinite(d["half_width"]) else 0.0)
+        if xs:
+            ax.errorbar(xs, ys, yerr=hw, marker="o", capsize=3, linestyle="none", label=f"vrpo - {other} (lam {lam})")
+    ax.axhline(0.0, color="k", linewidth=0.8)
+    ax.set_xticks(range(len(noises)), noises)
+    ax.set_title(f"{task}: paired difference in clean reward (95% CI)")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
 
 
 def canonical_order(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:

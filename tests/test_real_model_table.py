@@ -1,0 +1,52 @@
+"""benchmarks/real_model_table.py: the real-model table comes from the runs' files, with correct SEs."""
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture()
+def table_mod(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("real_model_table", os.path.join(ROOT, "benchmarks", "real_model_table.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "OUT", str(tmp_path / "out"))
+    return mod
+
+
+def _fake_run(path, algo, noise, before, after, g_before, g_after):
+    os.makedirs(path)
+    summary = {"algo": algo, "steps": 150, "eval_prompts": 200, "eval_samples": 4, "wall_time_s": 2400.0, "seed": 0,
+               "eval_clean_reward_before": before, "eval_clean_reward_after": after,
+               "eval_greedy_reward_before": g_before, "eval_greedy_reward_after": g_after}
+    task = {"noise_type": noise, "noise_rate": 0.2 if noise == "flip" else 0.0, "noise_std": 0.0}
+    with open(os.path.join(path, "summary.json"), "w") as f:
+        json.dump(summary, f)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({"task": task}, f)
+    with open(os.path.join(path, "curves.png"), "wb") as f:
+        f.write(b"png")
+
+
+def test_table_values_and_copies(table_mod, tmp_path, capsys):
+    _fake_run(str(tmp_path / "vrpo-flip0.2"), "vrpo", "flip", 0.125, 0.25, 0.35, 0.4)
+    _fake_run(str(tmp_path / "ppo-none"), "ppo", "none", 0.125, 0.2, 0.35, 0.3)
+    assert table_mod.main([str(tmp_path / "vrpo-flip0.2"), str(tmp_path / "ppo-none")]) == 0
+    text = capsys.readouterr().out
+    se = math.sqrt(0.125 * 0.875 / 800)  # 200 prompts x 4 samples
+    se_greedy = math.sqrt(0.35 * 0.65 / 200)
+    assert f"| vrpo-flip0.2 | vrpo | flip 0.2 | 0 | 150 | 0.125 +- {se:.3f} | 0.250 +- {math.sqrt(0.25 * 0.75 / 800):.3f} " \
+           f"| +0.125 | 0.350 +- {se_greedy:.3f} |" in text
+    assert "| ppo-none | ppo | none |" in text and "| -0.050 | 40.0 |" in text
+    assert open(tmp_path / "out" / "table.md").read().strip() == text.strip()
+    assert os.path.isfile(tmp_path / "out" / "vrpo-flip0.2" / "curves.png")
+
+
+def test_unfinished_run_is_one_line(table_mod, tmp_path, capsys):
+    os.makedirs(tmp_path / "running")
+    assert table_mod.main([str(tmp_path / "running")]) == 2
+    assert "no summary.json" in capsys.readouterr().err
