@@ -38,7 +38,8 @@ def row(run_dir: str) -> dict:
     out = {"name": os.path.basename(os.path.normpath(run_dir)), "algo": s["algo"], "steps": s["steps"],
            "noise": {"none": "none", "flip": f"flip {task.get('noise_rate')}",
                      "gaussian": f"gaussian {task.get('noise_std')}"}.get(noise, noise),
-           "n_prompts": n_prompts, "samples": samples, "wall_min": s["wall_time_s"] / 60, "seed": s["seed"]}
+           "n_prompts": n_prompts, "samples": samples, "wall_min": s["wall_time_s"] / 60, "seed": s["seed"],
+           "threads": cfg.get("model", {}).get("num_threads"), "precision": cfg.get("model", {}).get("mixed_precision")}
     for k, n in (("eval_clean_reward", n_prompts * samples), ("eval_greedy_reward", n_prompts)):
         for when in ("before", "after"):
             p = s.get(f"{k}_{when}")
@@ -68,7 +69,9 @@ def table(rows) -> str:
             f"{r['wall_min']:.1f} |")
     first = rows[0]
     lines += ["", f"Held-out clean accuracy on {first['n_prompts']} prompts ({first['samples']} samples each at T = 1 "
-              f"for 'sampled'); +- one binomial standard error. One seed per run. Machine: {machine()}."]
+              f"for 'sampled'); +- one binomial standard error. One seed per run; each run used --num-threads "
+              f"{first['threads']} and mixed precision {first['precision']}. "
+              f"Machine: {machine()}."]
     return "\n".join(lines)
 
 
