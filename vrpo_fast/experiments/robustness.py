@@ -207,6 +207,11 @@ def read_rows(path: str) -> List[Dict[str, Any]]:
         return list(csv.DictReader(f))
 
 
+def study_rows(out: str, tasks: Sequence[str]) -> List[Dict[str, Any]]:
+    """The finished (status ok) rows of ``tasks`` in ``out/results.csv``: what the reports are made of."""
+    return [r for r in read_rows(os.path.join(out, "results.csv")) if r["task"] in tasks and r.get("status") == "ok"]
+
+
 def append_row(path: str, row: Dict[str, Any]) -> None:
     """Append one run's row; safe when several ``--jobs`` workers finish at once (an exclusive lock)."""
     import fcntl
@@ -298,7 +303,7 @@ def run_study(tasks: Sequence[str], design: Dict[str, Any], out: str, *, extra: 
             for future in as_completed(futures):
                 future.result()
                 progress(futures[future])
-    selected = [r for r in read_rows(csv_path) if r["task"] in tasks and r.get("status") == "ok"]
+    selected = study_rows(out, tasks)
     write_reports(selected, out, design)
     return selected
 
@@ -365,10 +370,11 @@ def _stats_by_cell(rows, metric="eval_clean_reward_after"):
     return out
 
 
-def _grpo_lam(by_cell, task, noise, lam):
-    """GRPO's runs are at the first lambda only: they serve every lambda's comparison."""
-    if (task, noise, lam, "grpo") in by_cell:
-        return by_cell[(task, noise, lam, "grpo")]
+def _arm_values(by_cell, task, noise, lam, arm):
+    """An arm's per-seed values in a cell ({} if none). GRPO's runs are at the first lambda only: they
+    serve every lambda's comparison."""
+    if (task, noise, lam, arm) in by_cell or arm != "grpo":
+        return by_cell.get((task, noise, lam, arm), {})
     return next((v for (t, n, _, a), v in by_cell.items() if t == task and n == noise and a == "grpo"), {})
 
 
@@ -401,7 +407,7 @@ def markdown_report(rows: Sequence[Dict[str, Any]], design: Dict[str, Any]) -> s
                   "reward's area under the curve (mean over the RL steps):", "",
                   "| noise | lam | comparison | greedy difference | p | train AUC difference | p |",
                   "|---|---|---|---|---:|---|---:|"]
-        lines += _secondary_rows(rows, task)
+        lines += _secondary_rows(rows, greedy, task)
         lines += ["", "Mechanism diagnostics, mean over each run's steps, then mean [95% CI] over seeds:", "",
                   "| noise | lam | arm | " + " | ".join(DIAG_KEYS) + " |", "|---|---|---|" + "---|" * len(DIAG_KEYS)]
         lines += _diagnostic_rows(rows, task)
@@ -409,15 +415,14 @@ def markdown_report(rows: Sequence[Dict[str, Any]], design: Dict[str, Any]) -> s
     return "\n".join(lines)
 
 
-def _secondary_rows(rows, task) -> List[str]:
-    greedy, auc = _stats_by_cell(rows, "eval_greedy_reward_after"), _stats_by_cell(rows, "train_clean_auc")
+def _secondary_rows(rows, greedy, task) -> List[str]:
+    auc = _stats_by_cell(rows, "train_clean_auc")
     out = []
     for (t, noise, lam, arm), vrpo_g in greedy.items():
         if t != task or arm != "vrpo":
             continue
         for other in ("ppo", "grpo"):
-            g = _grpo_lam(greedy, t, noise, lam) if other == "grpo" else greedy.get((t, noise, lam, other))
-            a = _grpo_lam(auc, t, noise, lam) if other == "grpo" else auc.get((t, noise, lam, other))
+            g, a = _arm_values(greedy, t, noise, lam, other), _arm_values(auc, t, noise, lam, other)
             if not g or not a:
                 continue
             dg, da = st.paired_difference(vrpo_g, g), st.paired_difference(auc[(t, noise, lam, arm)], a)
@@ -443,7 +448,7 @@ def _difference_rows(by_cell, task) -> List[str]:
         if t != task or arm != "vrpo":
             continue
         for other in ("ppo", "grpo", "vrpo-no-vib", "vrpo-no-aux"):
-            b = _grpo_lam(by_cell, t, noise, lam) if other == "grpo" else by_cell.get((t, noise, lam, other))
+            b = _arm_values(by_cell, t, noise, lam, other)
             if not b:
                 continue
             d = st.paired_difference(vrpo, b)
@@ -513,7 +518,7 @@ def _plot_differences(ax, rows, task) -> None:
         xs, ys, hw = [], [], []
         for k, noise in enumerate(noises):
             vrpo = by_cell.get((task, noise, lam, "vrpo"))
-            b = _grpo_lam(by_cell, task, noise, lam) if other == "grpo" else by_cell.get((task, noise, lam, other))
+            b = _arm_values(by_cell, task, noise, lam, other)
             if vrpo and b:
                 d = st.paired_difference(vrpo, b)
                 if math.isfinite(d["mean"]):
@@ -600,8 +605,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         extra = _parse_set(args.set)
         if args.report_only:
-            rows = [r for r in read_rows(os.path.join(args.out, "results.csv")) if r["task"] in args.tasks]
-            print(open(write_reports(rows, args.out, design)).read())
+            print(open(write_reports(study_rows(args.out, args.tasks), args.out, design)).read())
             return 0
         run_study(args.tasks, design, args.out, extra=extra, jobs=args.jobs)
     except ValueError as err:
