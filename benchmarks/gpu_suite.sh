@@ -15,6 +15,9 @@
 #   gae        bench_gae.py on CUDA (all shapes, no CPU fresh-process memory runs)   -> bench_ops.md  cap 90 s, ~30 s
 #   vib        bench_vib.py --device cuda                                           -> bench_ops.md  cap 60 s, ~20 s
 #   train      bench_train_step.py --config 0.5b --device cuda --quick              -> bench_train_step.md  cap 180 s, ~60 s
+#   real       bench_real_model.py --device cuda: README's real-model command (SmolLM2-135M, or a random model
+#              of its architecture where the smollm2 extra is missing), 6 RL steps, tokens/s
+#                                                                               -> bench_train_step.md  cap 240 s, ~60-120 s
 #   train_full bench_train_step.py --config 0.5b --device cuda --steps 1 (64 x 1024 tokens), only if
 #              >= SUITE_TRAIN_FULL_MIN_S (200) of the budget is left                -> bench_train_step.md  the rest
 # Whole run: SUITE_BUDGET_S (default 450 s = 7.5 min); every step's timeout is min(cap, budget left - 15 s),
@@ -43,7 +46,7 @@ PY=${PYTHON:-python3}
 BUDGET_S=${SUITE_BUDGET_S:-450}
 RESERVE_S=15
 TRAIN_FULL_MIN_S=${SUITE_TRAIN_FULL_MIN_S:-200}
-STEPS=${SUITE_STEPS:-"env install roofline tests token gae vib train train_full"}
+STEPS=${SUITE_STEPS:-"env install roofline tests token gae vib train real train_full"}
 PYTEST_ARGS=${SUITE_PYTEST_ARGS:-"-q -rfEs --maxfail=10 --durations=15 -p no:cacheprovider"}
 
 # Compiled Triton kernels (tests/conftest.py would default to the interpreter), unbuffered output,
@@ -210,6 +213,7 @@ if [ "$HAS_CUDA" = 1 ]; then
   BENCH_TRAIN=$OUT/bench_train_step.md
   export BENCH_TRAIN
   run_step train 180 '$PY benchmarks/bench_train_step.py --config 0.5b --device cuda --quick | tee -a "$BENCH_TRAIN"'
+  run_step real 240 'echo >> "$BENCH_TRAIN"; $PY benchmarks/bench_real_model.py --device cuda --steps 6 --timeout 220 | tee -a "$BENCH_TRAIN"'
   if wants train_full; then
     if [ $(( $(left) - RESERVE_S )) -ge "$TRAIN_FULL_MIN_S" ]; then
       run_step train_full 600 'echo >> "$BENCH_TRAIN"; $PY benchmarks/bench_train_step.py --config 0.5b --device cuda --steps 1 | tee -a "$BENCH_TRAIN"'
@@ -218,7 +222,7 @@ if [ "$HAS_CUDA" = 1 ]; then
     fi
   fi
 else
-  for s in token gae vib train train_full; do
+  for s in token gae vib train real train_full; do
     wants "$s" && record "$s" "SKIPPED (no CUDA device)" 0
   done
 fi
