@@ -75,6 +75,41 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
+def _diff(a: dict, b: dict, key: str = "eval_clean_reward_after") -> str:
+    """``a - b`` of a held-out figure, +- the SE of the difference (the evaluations taken as independent)."""
+    d = a[key] - b[key]
+    return f"{d:+.3f} +- {math.hypot(a[key + '_se'], b[key + '_se']):.3f}"
+
+
+def comparison(rows) -> str:
+    """The issue's comparison from the table's rows: for each algorithm the cost of the training noise
+    (sampled after at the noise minus after without it), and at each noise the other algorithms minus VRPO.
+    Empty when the rows hold no such pairs."""
+    by = {(r["algo"], r["noise"]): r for r in rows}
+    algos = list(dict.fromkeys(r["algo"] for r in rows))
+    noises = list(dict.fromkeys(r["noise"] for r in rows))
+    lines = []
+    noisy = [n for n in noises if n != "none"]
+    if "none" in noises and noisy:
+        lines += ["| algo | " + " | ".join(f"{n} minus none (sampled after)" for n in noisy) + " |",
+                  "|---|" + "---|" * len(noisy)]
+        for a in algos:
+            cells = [_diff(by[(a, n)], by[(a, "none")]) if (a, n) in by and (a, "none") in by else "-" for n in noisy]
+            lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    others = [a for a in algos if a != "vrpo"]
+    if "vrpo" in algos and others:
+        lines += ["", "| train noise | " + " | ".join(f"{a} minus vrpo (sampled after)" for a in others) + " |",
+                  "|---|" + "---|" * len(others)]
+        for n in noises:
+            cells = [_diff(by[(a, n)], by[("vrpo", n)]) if (a, n) in by and ("vrpo", n) in by else "-" for a in others]
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    if lines:
+        lines += ["", "+- the standard error of the difference from the two evaluations' binomial SEs, taken as independent "
+                  "(the prompts are shared, so this is if anything too wide for the evaluation noise); it leaves out "
+                  "run-to-run (seed) variation, which one seed per cell cannot measure."]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", help="run directories (each with summary.json, config.json, curves.png)")
@@ -92,6 +127,9 @@ def main(argv=None) -> int:
                 shutil.copy2(os.path.join(run_dir, name), os.path.join(dest, name))
         rows.append(r)
     text = table(rows)
+    extra = comparison(rows)
+    if extra:
+        text += "\n\n" + extra
     with open(os.path.join(OUT, "table.md"), "w") as f:
         f.write(text + "\n")
     print(text)

@@ -50,3 +50,30 @@ def test_unfinished_run_is_one_line(table_mod, tmp_path, capsys):
     os.makedirs(tmp_path / "running")
     assert table_mod.main([str(tmp_path / "running")]) == 2
     assert "no summary.json" in capsys.readouterr().err
+
+
+def test_comparison_differences_by_hand(table_mod, tmp_path, capsys):
+    runs = {"vrpo-none": ("vrpo", "none", 0.5), "vrpo-flip0.2": ("vrpo", "flip", 0.375),
+            "ppo-none": ("ppo", "none", 0.625), "ppo-flip0.2": ("ppo", "flip", 0.25), "grpo-flip0.2": ("grpo", "flip", 0.125)}
+    for name, (algo, noise, after) in runs.items():
+        _fake_run(str(tmp_path / name), algo, noise, 0.125, after, 0.35, 0.4)
+    assert table_mod.main([str(tmp_path / n) for n in runs]) == 0
+    text = capsys.readouterr().out
+
+    def se(p):
+        return math.sqrt(p * (1 - p) / 800)
+
+    # noise cost per algorithm; grpo has no noise-free run
+    assert f"| vrpo | -0.125 +- {math.hypot(se(0.375), se(0.5)):.3f} |" in text
+    assert f"| ppo | -0.375 +- {math.hypot(se(0.25), se(0.625)):.3f} |" in text
+    assert "| grpo | - |" in text
+    # others minus VRPO at each noise
+    assert f"| none | +0.125 +- {math.hypot(se(0.625), se(0.5)):.3f} | - |" in text
+    assert (f"| flip 0.2 | -0.125 +- {math.hypot(se(0.25), se(0.375)):.3f} | "
+            f"-0.250 +- {math.hypot(se(0.125), se(0.375)):.3f} |") in text
+
+
+def test_no_comparison_without_pairs(table_mod, tmp_path, capsys):
+    _fake_run(str(tmp_path / "vrpo-flip0.2"), "vrpo", "flip", 0.125, 0.25, 0.35, 0.4)
+    assert table_mod.main([str(tmp_path / "vrpo-flip0.2")]) == 0
+    assert "minus" not in capsys.readouterr().out
