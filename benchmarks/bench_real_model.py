@@ -162,11 +162,12 @@ def main(argv=None) -> int:
             return 1
         s = summarise(run_dir)
         with open(os.path.join(run_dir, "config.json")) as f:
-            precision = json.load(f)["model"]["mixed_precision"]
+            model_cfg = json.load(f)["model"]
+        precision, threads = model_cfg["mixed_precision"], model_cfg["num_threads"]
 
     kind = "SmolLM2-135M-Instruct (pretrained)" if pretrained else "random-init SmolLM2-135M architecture"
     print(f"\n## README real-model command, shortened to {args.steps} steps ({args.device}; {machine()})\n")
-    print(f"model: {kind}; mixed precision {precision}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
+    print(f"model: {kind}; mixed precision {precision}; the run's --num-threads {threads}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
     print("| steps | first step (s) | median step (s) | tokens/s | mean response tokens | whole command (s) |")
     print("|---:|---:|---:|---:|---:|---:|")
     print(f"| {s['steps']} | {s['first_step_s']:.2f} | {s['step_s']:.2f} | {s['tokens_per_s']:.0f} | "
