@@ -82,31 +82,42 @@ def _diff(a: dict, b: dict, key: str = "eval_clean_reward_after") -> str:
 
 
 def comparison(rows) -> str:
-    """The issue's comparison from the table's rows: for each algorithm the cost of the training noise
-    (sampled after at the noise minus after without it), and at each noise the other algorithms minus VRPO.
-    Empty when the rows hold no such pairs."""
-    by = {(r["algo"], r["noise"]): r for r in rows}
+    """The issue's comparison from the table's rows, within each seed (runs of one seed are paired: same
+    seed, same prompts): for each algorithm the cost of the training noise (sampled after at the noise minus
+    after without it), and at each noise the other algorithms minus VRPO. A row appears only where a pair
+    exists; empty when there is none."""
+    by = {(r["algo"], r["noise"], r["seed"]): r for r in rows}
     algos = list(dict.fromkeys(r["algo"] for r in rows))
     noises = list(dict.fromkeys(r["noise"] for r in rows))
-    lines = []
+    seeds = sorted(set(r["seed"] for r in rows))
+
+    def cell(x, y):
+        return _diff(by[x], by[y]) if x in by and y in by else "-"
+
+    def subtable(first, columns, body):
+        body = [(k, sd, cells) for k, sd, cells in body if any(c != "-" for c in cells)]
+        if not columns or not body:
+            return []
+        return ([f"| {first} | seed | " + " | ".join(columns) + " |", "|---|---:|" + "---|" * len(columns)]
+                + [f"| {k} | {sd} | " + " | ".join(cells) + " |" for k, sd, cells in body])
+
     noisy = [n for n in noises if n != "none"]
-    if "none" in noises and noisy:
-        lines += ["| algo | " + " | ".join(f"{n} minus none (sampled after)" for n in noisy) + " |",
-                  "|---|" + "---|" * len(noisy)]
-        for a in algos:
-            cells = [_diff(by[(a, n)], by[(a, "none")]) if (a, n) in by and (a, "none") in by else "-" for n in noisy]
-            lines.append(f"| {a} | " + " | ".join(cells) + " |")
     others = [a for a in algos if a != "vrpo"]
-    if "vrpo" in algos and others:
-        lines += ["", "| train noise | " + " | ".join(f"{a} minus vrpo (sampled after)" for a in others) + " |",
-                  "|---|" + "---|" * len(others)]
-        for n in noises:
-            cells = [_diff(by[(a, n)], by[("vrpo", n)]) if (a, n) in by and ("vrpo", n) in by else "-" for a in others]
-            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    tables = [
+        subtable("algo", [f"{n} minus none (sampled after)" for n in noisy],
+                 [(a, sd, [cell((a, n, sd), (a, "none", sd)) for n in noisy]) for a in algos for sd in seeds]),
+        subtable("train noise", [f"{a} minus vrpo (sampled after)" for a in others],
+                 [(n, sd, [cell((a, n, sd), ("vrpo", n, sd)) for a in others]) for n in noises for sd in seeds]),
+    ]
+    lines = []
+    for t in tables:
+        if t:
+            lines += ([""] if lines else []) + t
     if lines:
-        lines += ["", "+- the standard error of the difference from the two evaluations' binomial SEs, taken as independent "
-                  "(the prompts are shared, so this is if anything too wide for the evaluation noise); it leaves out "
-                  "run-to-run (seed) variation, which one seed per cell cannot measure."]
+        lines += ["", "Differences within a seed. +- the standard error of the difference from the two evaluations' "
+                  "binomial SEs, taken as independent (the prompts are shared, so this is if anything too wide for "
+                  "the evaluation noise); it leaves out run-to-run (seed) variation, which only the spread across "
+                  "seeds shows."]
     return "\n".join(lines)
 
 

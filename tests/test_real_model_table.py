@@ -18,9 +18,9 @@ def table_mod(tmp_path, monkeypatch):
     return mod
 
 
-def _fake_run(path, algo, noise, before, after, g_before, g_after):
+def _fake_run(path, algo, noise, before, after, g_before, g_after, seed=0):
     os.makedirs(path)
-    summary = {"algo": algo, "steps": 150, "eval_prompts": 200, "eval_samples": 4, "wall_time_s": 2400.0, "seed": 0,
+    summary = {"algo": algo, "steps": 150, "eval_prompts": 200, "eval_samples": 4, "wall_time_s": 2400.0, "seed": seed,
                "eval_clean_reward_before": before, "eval_clean_reward_after": after,
                "eval_greedy_reward_before": g_before, "eval_greedy_reward_after": g_after}
     task = {"noise_type": noise, "noise_rate": 0.2 if noise == "flip" else 0.0, "noise_std": 0.0}
@@ -64,12 +64,12 @@ def test_comparison_differences_by_hand(table_mod, tmp_path, capsys):
         return math.sqrt(p * (1 - p) / 800)
 
     # noise cost per algorithm; grpo has no noise-free run
-    assert f"| vrpo | -0.125 +- {math.hypot(se(0.375), se(0.5)):.3f} |" in text
-    assert f"| ppo | -0.375 +- {math.hypot(se(0.25), se(0.625)):.3f} |" in text
-    assert "| grpo | - |" in text
+    assert f"| vrpo | 0 | -0.125 +- {math.hypot(se(0.375), se(0.5)):.3f} |" in text
+    assert f"| ppo | 0 | -0.375 +- {math.hypot(se(0.25), se(0.625)):.3f} |" in text
+    assert "| grpo |" not in text.split("minus none")[1].split("minus vrpo")[0]  # no noise-free grpo run
     # others minus VRPO at each noise
-    assert f"| none | +0.125 +- {math.hypot(se(0.625), se(0.5)):.3f} | - |" in text
-    assert (f"| flip 0.2 | -0.125 +- {math.hypot(se(0.25), se(0.375)):.3f} | "
+    assert f"| none | 0 | +0.125 +- {math.hypot(se(0.625), se(0.5)):.3f} | - |" in text
+    assert (f"| flip 0.2 | 0 | -0.125 +- {math.hypot(se(0.25), se(0.375)):.3f} | "
             f"-0.250 +- {math.hypot(se(0.125), se(0.375)):.3f} |") in text
 
 
@@ -77,3 +77,24 @@ def test_no_comparison_without_pairs(table_mod, tmp_path, capsys):
     _fake_run(str(tmp_path / "vrpo-flip0.2"), "vrpo", "flip", 0.125, 0.25, 0.35, 0.4)
     assert table_mod.main([str(tmp_path / "vrpo-flip0.2")]) == 0
     assert "minus" not in capsys.readouterr().out
+
+
+def test_comparison_pairs_within_a_seed(table_mod, tmp_path, capsys):
+    # seed 1 has VRPO and PPO under flips only: a minus-VRPO row for it, no noise-cost row
+    runs = {"vrpo-none": ("vrpo", "none", 0.5, 0), "vrpo-flip": ("vrpo", "flip", 0.375, 0),
+            "ppo-flip": ("ppo", "flip", 0.25, 0), "vrpo-flip-s1": ("vrpo", "flip", 0.5, 1),
+            "ppo-flip-s1": ("ppo", "flip", 0.625, 1)}
+    for name, (algo, noise, after, seed) in runs.items():
+        _fake_run(str(tmp_path / name), algo, noise, 0.125, after, 0.35, 0.4, seed=seed)
+    assert table_mod.main([str(tmp_path / n) for n in runs]) == 0
+    text = capsys.readouterr().out
+
+    def se(p):
+        return math.sqrt(p * (1 - p) / 800)
+
+    assert f"| flip 0.2 | 0 | -0.125 +- {math.hypot(se(0.25), se(0.375)):.3f} |" in text
+    assert f"| flip 0.2 | 1 | +0.125 +- {math.hypot(se(0.625), se(0.5)):.3f} |" in text
+    noise_cost = text.split("minus none")[1].split("minus vrpo")[0]
+    assert f"| vrpo | 0 | -0.125 +- {math.hypot(se(0.375), se(0.5)):.3f} |" in noise_cost
+    assert "| vrpo | 1 |" not in noise_cost and "| ppo |" not in noise_cost
+    assert "| none |" not in text.split("minus vrpo")[1]  # no noise-free PPO run: no row
