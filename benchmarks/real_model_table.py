@@ -75,10 +75,21 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
-def _diff(a: dict, b: dict, key: str = "eval_clean_reward_after") -> str:
-    """``a - b`` of a held-out figure, +- the SE of the difference (the evaluations taken as independent)."""
-    d = a[key] - b[key]
-    return f"{d:+.3f} +- {math.hypot(a[key + '_se'], b[key + '_se']):.3f}"
+def _diff(a: dict, b: dict, key: str = "eval_clean_reward_after"):
+    """``(a - b, SE)`` of a held-out figure; the SE of the difference takes the evaluations as independent."""
+    return a[key] - b[key], math.hypot(a[key + "_se"], b[key + "_se"])
+
+
+def _fmt_diff(d) -> str:
+    return "-" if d is None else f"{d[0]:+.3f} +- {d[1]:.3f}"
+
+
+def _fmt_mean(ds) -> str:
+    """Mean over seeds of one column's differences, with their range (no interval from so few seeds)."""
+    vals = [d[0] for d in ds if d is not None]
+    if len(vals) < 2:
+        return "-"
+    return f"{sum(vals) / len(vals):+.3f} (range {min(vals):+.3f} to {max(vals):+.3f})"
 
 
 def comparison(rows) -> str:
@@ -92,14 +103,19 @@ def comparison(rows) -> str:
     seeds = sorted(set(r["seed"] for r in rows))
 
     def cell(x, y):
-        return _diff(by[x], by[y]) if x in by and y in by else "-"
+        return _diff(by[x], by[y]) if x in by and y in by else None
 
     def subtable(first, columns, body):
-        body = [(k, sd, cells) for k, sd, cells in body if any(c != "-" for c in cells)]
+        body = [(k, sd, cells) for k, sd, cells in body if any(c is not None for c in cells)]
         if not columns or not body:
             return []
-        return ([f"| {first} | seed | " + " | ".join(columns) + " |", "|---|---:|" + "---|" * len(columns)]
-                + [f"| {k} | {sd} | " + " | ".join(cells) + " |" for k, sd, cells in body])
+        out = [f"| {first} | seed | " + " | ".join(columns) + " |", "|---|---:|" + "---|" * len(columns)]
+        for key in dict.fromkeys(k for k, _, _ in body):
+            mine = [cells for k, _, cells in body if k == key]
+            out += [f"| {k} | {sd} | " + " | ".join(map(_fmt_diff, cells)) + " |" for k, sd, cells in body if k == key]
+            if len(mine) > 1:
+                out.append(f"| {key} | mean of {len(mine)} | " + " | ".join(_fmt_mean(col) for col in zip(*mine)) + " |")
+        return out
 
     noisy = [n for n in noises if n != "none"]
     others = [a for a in algos if a != "vrpo"]

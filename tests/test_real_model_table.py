@@ -98,3 +98,4 @@ def test_comparison_pairs_within_a_seed(table_mod, tmp_path, capsys):
     assert f"| vrpo | 0 | -0.125 +- {math.hypot(se(0.375), se(0.5)):.3f} |" in noise_cost
     assert "| vrpo | 1 |" not in noise_cost and "| ppo |" not in noise_cost
     assert "| none |" not in text.split("minus vrpo")[1]  # no noise-free PPO run: no row
+    assert "| flip 0.2 | mean of 2 | +0.000 (range -0.125 to +0.125) |" in text
