@@ -1,23 +1,15 @@
 """benchmarks/bench_real_model.py runs README's real-model command with only the benchmark's changes."""
-import importlib.util
 import json
-import os
-import sys
 
 import pytest
 
+from conftest import load_benchmark
 from vrpo_fast.train import parse_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    spec = importlib.util.spec_from_file_location("bench_real_model", os.path.join(ROOT, "benchmarks", "bench_real_model.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_real_model")
 
 
 def test_readme_command_is_the_documented_one(bench):

@@ -1,21 +1,12 @@
 """benchmarks/real_model_answers.py: how a completion answers, and the refusal to mix settings."""
-import importlib.util
-import os
-import sys
-
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def ans():
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    spec = importlib.util.spec_from_file_location("real_model_answers",
-                                                  os.path.join(ROOT, "benchmarks", "real_model_answers.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("real_model_answers")
 
 
 @pytest.mark.parametrize("text,marker,bare", [

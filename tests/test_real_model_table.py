@@ -1,19 +1,16 @@
 """benchmarks/real_model_table.py: the real-model table comes from the runs' files, with correct SEs."""
-import importlib.util
 import json
 import math
 import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import load_benchmark
 
 
 @pytest.fixture()
 def table_mod(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("real_model_table", os.path.join(ROOT, "benchmarks", "real_model_table.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("real_model_table")
     monkeypatch.setattr(mod, "OUT", str(tmp_path / "out"))
     return mod
 
@@ -52,17 +49,24 @@ def test_unfinished_run_is_one_line(table_mod, tmp_path, capsys):
     assert "no summary.json" in capsys.readouterr().err
 
 
-def test_comparison_differences_by_hand(table_mod, tmp_path, capsys):
-    runs = {"vrpo-none": ("vrpo", "none", 0.5), "vrpo-flip0.2": ("vrpo", "flip", 0.375),
-            "ppo-none": ("ppo", "none", 0.625), "ppo-flip0.2": ("ppo", "flip", 0.25), "grpo-flip0.2": ("grpo", "flip", 0.125)}
-    for name, (algo, noise, after) in runs.items():
-        _fake_run(str(tmp_path / name), algo, noise, 0.125, after, 0.35, 0.4)
+def se(p):
+    """The binomial SE of a sampled accuracy over the fake runs' 200 prompts x 4 samples."""
+    return math.sqrt(p * (1 - p) / 800)
+
+
+def _table_of(table_mod, tmp_path, capsys, runs) -> str:
+    """What main() prints for fake runs ``{name: (algo, noise, sampled after, seed)}``."""
+    for name, (algo, noise, after, seed) in runs.items():
+        _fake_run(str(tmp_path / name), algo, noise, 0.125, after, 0.35, 0.4, seed=seed)
     assert table_mod.main([str(tmp_path / n) for n in runs]) == 0
-    text = capsys.readouterr().out
+    return capsys.readouterr().out
 
-    def se(p):
-        return math.sqrt(p * (1 - p) / 800)
 
+def test_comparison_differences_by_hand(table_mod, tmp_path, capsys):
+    text = _table_of(table_mod, tmp_path, capsys, {
+        "vrpo-none": ("vrpo", "none", 0.5, 0), "vrpo-flip0.2": ("vrpo", "flip", 0.375, 0),
+        "ppo-none": ("ppo", "none", 0.625, 0), "ppo-flip0.2": ("ppo", "flip", 0.25, 0),
+        "grpo-flip0.2": ("grpo", "flip", 0.125, 0)})
     # noise cost per algorithm; grpo has no noise-free run
     assert f"| vrpo | 0 | -0.125 +- {math.hypot(se(0.375), se(0.5)):.3f} |" in text
     assert f"| ppo | 0 | -0.375 +- {math.hypot(se(0.25), se(0.625)):.3f} |" in text
@@ -81,17 +85,10 @@ def test_no_comparison_without_pairs(table_mod, tmp_path, capsys):
 
 def test_comparison_pairs_within_a_seed(table_mod, tmp_path, capsys):
     # seed 1 has VRPO and PPO under flips only: a minus-VRPO row for it, no noise-cost row
-    runs = {"vrpo-none": ("vrpo", "none", 0.5, 0), "vrpo-flip": ("vrpo", "flip", 0.375, 0),
-            "ppo-flip": ("ppo", "flip", 0.25, 0), "vrpo-flip-s1": ("vrpo", "flip", 0.5, 1),
-            "ppo-flip-s1": ("ppo", "flip", 0.625, 1)}
-    for name, (algo, noise, after, seed) in runs.items():
-        _fake_run(str(tmp_path / name), algo, noise, 0.125, after, 0.35, 0.4, seed=seed)
-    assert table_mod.main([str(tmp_path / n) for n in runs]) == 0
-    text = capsys.readouterr().out
-
-    def se(p):
-        return math.sqrt(p * (1 - p) / 800)
-
+    text = _table_of(table_mod, tmp_path, capsys, {
+        "vrpo-none": ("vrpo", "none", 0.5, 0), "vrpo-flip": ("vrpo", "flip", 0.375, 0),
+        "ppo-flip": ("ppo", "flip", 0.25, 0), "vrpo-flip-s1": ("vrpo", "flip", 0.5, 1),
+        "ppo-flip-s1": ("ppo", "flip", 0.625, 1)})
     assert f"| flip 0.2 | 0 | -0.125 +- {math.hypot(se(0.25), se(0.375)):.3f} |" in text
     assert f"| flip 0.2 | 1 | +0.125 +- {math.hypot(se(0.625), se(0.5)):.3f} |" in text
     noise_cost = text.split("minus none")[1].split("minus vrpo")[0]
