@@ -36,10 +36,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(REPO, "README.md")
 SECTION = "A real-model run that learns"
 PREFIX = "python -m vrpo_fast.train --model smollm2-135m"
-# SmolLM2-135M-Instruct's architecture (its config.json); the random stand-in is built from these.
-SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                     rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+# position-table room of the random stand-in: the task's char-tokenised prompts plus the responses
+STAND_IN_POSITIONS = 512
 
 
 def readme_command(path: str = README) -> list:
@@ -97,19 +95,15 @@ def pretrained_available() -> bool:
 
 
 def build_random_smollm2(out_dir: str, seed: int = 0) -> str:
-    """A random-init model of SmolLM2-135M's architecture, saved as a Hugging Face directory."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A random-init model of SmolLM2-135M's architecture (``bench_train_step``'s ``smollm2`` shape, built by
+    its ``build_policy``), saved as a Hugging Face directory."""
+    from dataclasses import replace
 
-    from bench_train_step import build_tokenizer
+    from bench_train_step import CONFIGS, build_policy, build_tokenizer
 
-    tok = build_tokenizer(SMOLLM2_SHAPE["vocab_size"])
-    cfg = LlamaConfig(**SMOLLM2_SHAPE, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
+    shape = CONFIGS["smollm2"]
+    tok = build_tokenizer(shape.vocab_size)
+    model = build_policy(replace(shape, preset="", prompt_chars=STAND_IN_POSITIONS), tok, seed=seed)
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     return out_dir
@@ -146,7 +140,7 @@ def main(argv=None) -> int:
         p.error("--device cuda: no CUDA device is visible (use --device cpu)")
 
     with tempfile.TemporaryDirectory(prefix="bench_real_model_") as tmp:
-        pretrained = pretrained_available() and not args.random_model
+        pretrained = not args.random_model and pretrained_available()
         model = "" if pretrained else build_random_smollm2(os.path.join(tmp, "smollm2-random"))
         run_dir = args.keep or os.path.join(tmp, "run")
         cmd = [sys.executable, "-m", "vrpo_fast.train"] + shortened(
